@@ -1,0 +1,4 @@
+// Package api serves tungate's HTTP API: Prometheus metrics at /metrics and
+// a health check at /healthz, behind an optional bearer token. It serves a
+// registry it is given and knows nothing of what fills it.
+package api

@@ -1,0 +1,46 @@
+package main
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+)
+
+// registerMetrics exposes the gateway's counters, plus the Go runtime's
+// (go_goroutines among them: how tests see that flows leave nothing behind).
+func registerMetrics(reg *prometheus.Registry, g *gateway) {
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	counter := func(name, help string, f func() float64) {
+		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Namespace: "tungate", Name: name, Help: help}, f))
+	}
+	gauge := func(name, help string, f func() float64) {
+		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "tungate", Name: name, Help: help}, f))
+	}
+	stack := g.stack
+	counter("packets_in_total", "IP packets read from the TUN.", func() float64 { return float64(stack.Stats().PacketsIn) })
+	counter("packets_out_total", "IP packets written to the TUN.", func() float64 { return float64(stack.Stats().PacketsOut) })
+	counter("packets_malformed_total", "Packets dropped as malformed.", func() float64 { return float64(stack.Stats().Malformed) })
+	counter("tcp_syn_dropped_in_flight_total", "SYNs dropped because stack.tcp.max_in_flight dials were under way.", func() float64 { return float64(stack.Stats().SYNsDroppedInFlight) })
+	counter("tun_read_errors_total", "Failed TUN reads.", func() float64 { return float64(stack.Stats().TUNReadErrors) })
+	counter("tun_write_errors_total", "Failed TUN writes.", func() float64 { return float64(stack.Stats().TUNWriteErrors) })
+	counter("udp_refused_total", "UDP datagrams refused (ICMP port unreachable to the app).", func() float64 { return float64(stack.Stats().UDPRefused) })
+	counter("udp_reply_too_big_total", "UDP replies too big to send to the app.", func() float64 { return float64(stack.Stats().UDPReplyTooBig) })
+
+	tcp := g.tcp.Stats()
+	counter("tcp_flows_total", "TCP flows relayed.", func() float64 { return float64(tcp.Accepted.Load()) })
+	counter("tcp_dial_failed_total", "TCP upstream dials that failed (timeout, unreachable).", func() float64 { return float64(tcp.DialFailed.Load()) })
+	counter("tcp_refused_total", "TCP flows refused by the upstream or a reject outbound.", func() float64 { return float64(tcp.Refused.Load()) })
+	counter("tcp_idle_closed_total", "TCP flows closed by stack.tcp.idle_timeout.", func() float64 { return float64(tcp.IdleClosed.Load()) })
+	gauge("tcp_flows_active", "TCP flows open now.", func() float64 { return float64(tcp.Active.Load()) })
+	counter("tcp_bytes_up_total", "Bytes relayed from apps to upstreams.", func() float64 { return float64(tcp.BytesUp.Load()) })
+	counter("tcp_bytes_down_total", "Bytes relayed from upstreams to apps.", func() float64 { return float64(tcp.BytesDown.Load()) })
+
+	udp := g.udp.Stats()
+	counter("udp_sessions_total", "UDP mappings opened.", func() float64 { return float64(udp.Opened.Load()) })
+	counter("udp_sessions_expired_total", "UDP mappings removed after their idle timeout.", func() float64 { return float64(udp.Expired.Load()) })
+	counter("udp_sessions_failed_total", "UDP mappings whose upstream session failed to open.", func() float64 { return float64(udp.Failed.Load()) })
+	counter("udp_sessions_refused_total", "UDP mappings refused over stack.udp.max_sessions.", func() float64 { return float64(udp.RefusedOverCap.Load()) })
+	gauge("udp_sessions_active", "UDP mappings live now.", func() float64 { return float64(udp.Active.Load()) })
+	counter("udp_packets_up_total", "UDP datagrams sent upstream.", func() float64 { return float64(udp.PacketsUp.Load()) })
+	counter("udp_packets_down_total", "UDP datagrams delivered to apps.", func() float64 { return float64(udp.PacketsDown.Load()) })
+	counter("udp_dropped_total", "UDP datagrams dropped (session not ready, send failed, symmetric mismatch).", func() float64 { return float64(udp.Dropped.Load()) })
+}

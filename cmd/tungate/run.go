@@ -1,0 +1,234 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/tungate/tungate/api"
+	"github.com/tungate/tungate/configs"
+	"github.com/tungate/tungate/forwarder"
+	"github.com/tungate/tungate/netstack"
+	"github.com/tungate/tungate/outbound"
+	"github.com/tungate/tungate/router"
+	"github.com/tungate/tungate/tun"
+)
+
+// shutdownFlush is how long queued packets (the RSTs of aborted flows) get
+// to reach the app before the device closes.
+const shutdownFlush = 200 * time.Millisecond
+
+func newLogger(cfg configs.Log) *slog.Logger {
+	var level slog.Level
+	_ = level.UnmarshalText([]byte(cfg.Level))
+	opts := &slog.HandlerOptions{Level: level}
+	if cfg.Format == "json" {
+		return slog.New(slog.NewJSONHandler(os.Stderr, opts))
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, opts))
+}
+
+// gateway is one running tungate: every part, in start order.
+type gateway struct {
+	log    *slog.Logger
+	dev    *tun.Device
+	stack  *netstack.Stack
+	tcp    *forwarder.TCP
+	udp    *forwarder.UDPTable
+	api    *api.Server
+	closed bool
+}
+
+func run(ctx context.Context, cfg *configs.Config) error {
+	log := newLogger(cfg.Log)
+	g, err := start(cfg, log)
+	if err != nil {
+		return err
+	}
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	ctx, stop := signal.NotifyContext(ctx, syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	<-ctx.Done()
+	log.Info("shutting down")
+	g.close()
+	log.Info("stopped")
+	return nil
+}
+
+func buildOutbounds(cfg *configs.Config, log *slog.Logger) (map[string]outbound.Dialer, error) {
+	dialers := make(map[string]outbound.Dialer, len(cfg.Outbounds))
+	for i, o := range cfg.Outbounds {
+		var (
+			d   outbound.Dialer
+			err error
+		)
+		switch o.Type {
+		case configs.OutboundDirect:
+			d, err = outbound.NewDirect(outbound.DirectConfig{
+				Name: o.Name, Interface: o.Interface, FWMark: o.FWMark, KeepAlive: cfg.Stack.TCP.Keepalive,
+			}, log.With("outbound", o.Name))
+		case configs.OutboundReject:
+			d = outbound.NewReject(o.Name)
+		default:
+			err = fmt.Errorf("outbound type %q is not supported yet", o.Type)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("outbounds[%d] (%s): %w", i, o.Name, err)
+		}
+		dialers[o.Name] = d
+	}
+	return dialers, nil
+}
+
+func start(cfg *configs.Config, log *slog.Logger) (g *gateway, err error) {
+	dialers, err := buildOutbounds(cfg, log)
+	if err != nil {
+		return nil, err
+	}
+	rt, err := router.New(cfg.Rules, cfg.FinalOutbound())
+	if err != nil {
+		return nil, err
+	}
+	route := func(f forwarder.Flow) outbound.Dialer {
+		name, idx := rt.Match(router.Metadata{Network: f.Network, Src: f.Src, Dst: f.Dst, Domain: f.Domain})
+		log.Debug("route", "network", f.Network, "src", f.Src, "dst", f.Dst, "rule", idx, "outbound", name)
+		return dialers[name]
+	}
+
+	g = &gateway{log: log}
+	defer func() {
+		if err != nil {
+			g.close()
+		}
+	}()
+
+	g.tcp, err = forwarder.NewTCP(forwarder.TCPConfig{
+		DialTimeout: cfg.Stack.TCP.DialTimeout,
+		IdleTimeout: cfg.Stack.TCP.IdleTimeout,
+	}, route, log.With("component", "tcp"))
+	if err != nil {
+		return g, err
+	}
+	g.udp, err = forwarder.NewUDPTable(forwarder.UDPConfig{
+		IdleTimeout:    cfg.Stack.UDP.IdleTimeout,
+		DNSIdleTimeout: cfg.Stack.UDP.DNSIdleTimeout,
+		MaxSessions:    cfg.Stack.UDP.MaxSessions,
+		Symmetric:      cfg.Stack.UDP.NAT == "symmetric",
+	}, route, func(p []byte, from, to netip.AddrPort) error {
+		return g.stack.WriteUDP(p, from, to)
+	}, log.With("component", "udp"))
+	if err != nil {
+		return g, err
+	}
+
+	g.dev, err = tun.Open(tun.Config{
+		Name:      cfg.Tun.Name,
+		MTU:       cfg.Tun.MTU,
+		Addresses: cfg.Tun.Address,
+		Offload:   cfg.Tun.Offload != "off",
+		FD:        cfg.Tun.FD,
+	}, log)
+	if err != nil {
+		return g, err
+	}
+	g.stack, err = netstack.New(g.dev, flowHandler{tcp: g.tcp, udp: g.udp}, netstack.Config{
+		MTU:         g.dev.MTU(),
+		Headroom:    tun.Offset,
+		MaxInFlight: cfg.Stack.TCP.MaxInFlight,
+		Keepalive:   cfg.Stack.TCP.Keepalive,
+	}, log.With("component", "netstack"))
+	if err != nil {
+		return g, err
+	}
+	g.stack.Start(func(err error) bool { return errors.Is(err, tun.ErrClosed) || errors.Is(err, os.ErrClosed) })
+
+	if cfg.API.Listen != "" {
+		reg := prometheus.NewRegistry()
+		registerMetrics(reg, g)
+		g.api, err = api.New(api.Config{Listen: cfg.API.Listen, Secret: cfg.API.Secret}, reg, log.With("component", "api"))
+		if err != nil {
+			return g, err
+		}
+		if err = g.api.Start(); err != nil {
+			return g, err
+		}
+	}
+
+	names := make([]string, 0, len(cfg.Outbounds))
+	for _, o := range cfg.Outbounds {
+		names = append(names, o.Name+"("+o.Type+")")
+	}
+	log.Info("tungate running", "tun", g.dev.Name(), "outbounds", strings.Join(names, ","), "final", cfg.FinalOutbound(), "rules", len(cfg.Rules))
+	if cfg.Route.Auto {
+		log.Warn("route.auto: automatic routes are not available yet; route traffic into the TUN yourself", "tun", g.dev.Name())
+	}
+	if cfg.DNS.Enabled {
+		log.Warn("dns: the DNS proxy is not available yet; port-53 flows are relayed like any other flow")
+	}
+	return g, nil
+}
+
+// close shuts down in order: refuse new flows, end the open ones (their
+// RSTs still reach the apps), then the device, the stack and the API.
+func (g *gateway) close() {
+	if g.closed {
+		return
+	}
+	g.closed = true
+	if g.stack != nil {
+		g.stack.StopAccepting()
+	}
+	if g.tcp != nil {
+		g.tcp.Close()
+	}
+	if g.udp != nil {
+		g.udp.Close()
+	}
+	if g.stack != nil {
+		g.stack.Flush(shutdownFlush)
+	}
+	if g.dev != nil {
+		if err := g.dev.Close(); err != nil {
+			g.log.Warn("closing tun", "err", err)
+		}
+	}
+	if g.stack != nil {
+		g.stack.Close()
+	}
+	if g.api != nil {
+		g.api.Close()
+	}
+}
+
+// flowHandler hands the netstack's flows to the forwarders.
+type flowHandler struct {
+	tcp *forwarder.TCP
+	udp *forwarder.UDPTable
+}
+
+func (h flowHandler) HandleTCP(r *netstack.TCPRequest) { h.tcp.Handle(tcpFlow{r}) }
+
+func (h flowHandler) HandleUDP(src, dst netip.AddrPort, payload []byte) bool {
+	return h.udp.Handle(src, dst, payload)
+}
+
+type tcpFlow struct{ *netstack.TCPRequest }
+
+func (f tcpFlow) Accept() (forwarder.AppConn, error) {
+	c, err := f.TCPRequest.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return c, nil
+}

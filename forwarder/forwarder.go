@@ -1,0 +1,66 @@
+package forwarder
+
+import (
+	"errors"
+	"log/slog"
+	"net/netip"
+	"sync"
+	"time"
+
+	"github.com/tungate/tungate/outbound"
+)
+
+// Flow is what is known of a new flow when its outbound is chosen.
+type Flow struct {
+	Network  string // "tcp" or "udp"
+	Src, Dst netip.AddrPort
+	// Domain is the name the app resolved to reach Dst, when known.
+	Domain string
+}
+
+// Route picks the outbound for a flow. It must not block.
+type Route func(Flow) outbound.Dialer
+
+// causeLog logs a failure once per outbound and cause within a window, so a
+// dead upstream produces one line a minute rather than one per flow.
+type causeLog struct {
+	log    *slog.Logger
+	window time.Duration
+
+	mu   sync.Mutex
+	last map[string]time.Time
+}
+
+func newCauseLog(log *slog.Logger, window time.Duration) *causeLog {
+	return &causeLog{log: log, window: window, last: make(map[string]time.Time)}
+}
+
+func (c *causeLog) warn(outboundName string, cause error, msg string, args ...any) {
+	key := outboundName + "\x00" + causeKey(cause)
+	now := time.Now()
+	c.mu.Lock()
+	t, seen := c.last[key]
+	if seen && now.Sub(t) < c.window {
+		c.mu.Unlock()
+		c.log.Debug(msg, args...)
+		return
+	}
+	if len(c.last) > 1024 {
+		clear(c.last)
+	}
+	c.last[key] = now
+	c.mu.Unlock()
+	c.log.Warn(msg, args...)
+}
+
+// causeKey reduces an error to its innermost cause, so that the same refusal
+// for different destinations counts as one cause.
+func causeKey(err error) string {
+	for {
+		next := errors.Unwrap(err)
+		if next == nil {
+			return err.Error()
+		}
+		err = next
+	}
+}

@@ -1,0 +1,268 @@
+package forwarder
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/tungate/tungate/outbound"
+)
+
+// AppConn is the app side of a TCP flow.
+type AppConn interface {
+	io.ReadWriter
+	// CloseWrite sends FIN to the app.
+	CloseWrite() error
+	// Close closes gracefully; Abort closes with a RST.
+	Close() error
+	Abort() error
+}
+
+// TCPFlow is an app's connection attempt held at its SYN: Accept completes
+// the handshake, Refuse answers with a RST.
+type TCPFlow interface {
+	Src() netip.AddrPort
+	Dst() netip.AddrPort
+	Accept() (AppConn, error)
+	Refuse()
+}
+
+// TCPConfig tunes the TCP relay.
+type TCPConfig struct {
+	// DialTimeout bounds the upstream dial; the app's SYN waits that long
+	// at most before being refused.
+	DialTimeout time.Duration
+	// IdleTimeout closes a flow with no bytes in either direction for
+	// this long; 0 means never.
+	IdleTimeout time.Duration
+}
+
+// relayBufSize is the copy buffer of one direction of a flow.
+const relayBufSize = 32 << 10
+
+var relayBufs = sync.Pool{New: func() any { b := make([]byte, relayBufSize); return &b }}
+
+// TCP relays TCP flows to upstreams chosen by a Route.
+//
+// Lifecycle: NewTCP → Handle (any number, concurrently) → Close. Close
+// aborts every open flow and waits for their goroutines; Handle after Close
+// refuses.
+type TCP struct {
+	cfg   TCPConfig
+	route Route
+	log   *slog.Logger
+	fails *causeLog
+
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	mu     sync.Mutex
+	flows  map[*tcpRelay]struct{}
+	closed bool
+	wg     sync.WaitGroup
+
+	stats TCPStats
+}
+
+// TCPStats counts TCP flows since NewTCP.
+type TCPStats struct {
+	Accepted, DialFailed, Refused, IdleClosed atomic.Uint64
+	Active                                    atomic.Int64
+	BytesUp, BytesDown                        atomic.Uint64
+}
+
+// NewTCP returns a TCP relay.
+func NewTCP(cfg TCPConfig, route Route, log *slog.Logger) (*TCP, error) {
+	if route == nil {
+		return nil, errors.New("forwarder: NewTCP needs a route")
+	}
+	if cfg.DialTimeout <= 0 {
+		return nil, errors.New("forwarder: dial timeout must be positive")
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	return &TCP{
+		cfg: cfg, route: route, log: log,
+		fails: newCauseLog(log, time.Minute),
+		ctx:   ctx, cancel: cancel,
+		flows: make(map[*tcpRelay]struct{}),
+	}, nil
+}
+
+// Stats returns the live counters.
+func (t *TCP) Stats() *TCPStats { return &t.stats }
+
+// Handle dials the flow's upstream first and only then completes the app's
+// handshake, so a refused upstream is a RST to the app. It returns when the
+// flow has ended.
+func (t *TCP) Handle(f TCPFlow) {
+	t.mu.Lock()
+	if t.closed {
+		t.mu.Unlock()
+		f.Refuse()
+		return
+	}
+	t.wg.Add(1)
+	t.mu.Unlock()
+	defer t.wg.Done()
+
+	dst := outbound.Target{Addr: f.Dst()}
+	d := t.route(Flow{Network: "tcp", Src: f.Src(), Dst: f.Dst()})
+	ctx, cancel := context.WithTimeout(t.ctx, t.cfg.DialTimeout)
+	up, err := d.DialTCP(ctx, dst)
+	cancel()
+	if err != nil {
+		if errors.Is(err, outbound.ErrRefused) {
+			t.stats.Refused.Add(1)
+		} else {
+			t.stats.DialFailed.Add(1)
+		}
+		t.fails.warn(d.Name(), err, "tcp dial failed", "outbound", d.Name(), "src", f.Src(), "dst", dst, "err", err)
+		f.Refuse()
+		return
+	}
+	app, err := f.Accept()
+	if err != nil {
+		t.log.Debug("tcp accept failed", "src", f.Src(), "dst", dst, "err", err)
+		up.Abort()
+		return
+	}
+	t.stats.Accepted.Add(1)
+	r := &tcpRelay{app: app, up: up}
+	if !t.track(r) {
+		r.abort()
+		return
+	}
+	t.stats.Active.Add(1)
+	t.log.Debug("tcp flow", "outbound", d.Name(), "src", f.Src(), "dst", dst)
+	r.run(t.cfg.IdleTimeout, &t.stats)
+	t.stats.Active.Add(-1)
+	t.untrack(r)
+}
+
+func (t *TCP) track(r *tcpRelay) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.closed {
+		return false
+	}
+	t.flows[r] = struct{}{}
+	return true
+}
+
+func (t *TCP) untrack(r *tcpRelay) {
+	t.mu.Lock()
+	delete(t.flows, r)
+	t.mu.Unlock()
+}
+
+// Close refuses new flows, cancels dials under way, aborts open flows (both
+// sides get a RST, so neither mistakes the cut for a complete transfer) and
+// waits for every flow goroutine to end.
+func (t *TCP) Close() error {
+	t.mu.Lock()
+	if t.closed {
+		t.mu.Unlock()
+		return nil
+	}
+	t.closed = true
+	flows := make([]*tcpRelay, 0, len(t.flows))
+	for r := range t.flows {
+		flows = append(flows, r)
+	}
+	t.mu.Unlock()
+	t.cancel()
+	for _, r := range flows {
+		r.abort()
+	}
+	t.wg.Wait()
+	return nil
+}
+
+// tcpRelay copies one flow in both directions.
+type tcpRelay struct {
+	app     AppConn
+	up      outbound.TCPConn
+	aborted atomic.Bool
+	last    atomic.Int64 // unix nanos of the last byte moved
+}
+
+func (r *tcpRelay) abort() {
+	if r.aborted.Swap(true) {
+		return
+	}
+	r.app.Abort()
+	r.up.Abort()
+}
+
+func (r *tcpRelay) run(idle time.Duration, st *TCPStats) {
+	if idle > 0 {
+		r.last.Store(time.Now().UnixNano())
+		var timer *time.Timer
+		timer = time.AfterFunc(idle, func() {
+			since := time.Since(time.Unix(0, r.last.Load()))
+			if since >= idle {
+				st.IdleClosed.Add(1)
+				r.abort()
+				return
+			}
+			timer.Reset(idle - since)
+		})
+		defer timer.Stop()
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		r.copy(r.up, r.app, &st.BytesUp, idle > 0)
+	}()
+	r.copy(r.app, r.up, &st.BytesDown, idle > 0)
+	<-done
+	if !r.aborted.Load() {
+		r.app.Close()
+		r.up.Close()
+	}
+}
+
+type halfCloser interface {
+	io.Writer
+	CloseWrite() error
+}
+
+// copy moves src to dst until src ends. A FIN (EOF) becomes CloseWrite on
+// dst while the other direction keeps going; any other end (RST, error)
+// aborts the whole flow, so a reset on one side is a reset on the other.
+func (r *tcpRelay) copy(dst halfCloser, src io.Reader, count *atomic.Uint64, touch bool) {
+	bp := relayBufs.Get().(*[]byte)
+	defer relayBufs.Put(bp)
+	buf := *bp
+	for {
+		n, err := src.Read(buf)
+		if n > 0 {
+			if touch {
+				r.last.Store(time.Now().UnixNano())
+			}
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				r.abort()
+				return
+			}
+			count.Add(uint64(n))
+		}
+		if err == io.EOF {
+			if dst.CloseWrite() != nil {
+				r.abort()
+			}
+			return
+		}
+		if err != nil {
+			r.abort()
+			return
+		}
+	}
+}

@@ -1,0 +1,351 @@
+package forwarder
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/tungate/tungate/outbound"
+)
+
+// UDPReply sends a datagram to the app at to, with from as its source
+// address. It must not block on the network.
+type UDPReply func(payload []byte, from, to netip.AddrPort) error
+
+// UDPConfig tunes the NAT table.
+type UDPConfig struct {
+	// IdleTimeout removes a mapping with no datagram in either direction
+	// for this long.
+	IdleTimeout time.Duration
+	// DNSIdleTimeout replaces IdleTimeout for mappings opened towards
+	// port 53, whose exchanges are one question and one answer.
+	DNSIdleTimeout time.Duration
+	// MaxSessions caps the number of mappings; datagrams that would open
+	// one more are dropped and counted.
+	MaxSessions int
+	// Symmetric keys mappings by (source, destination) and accepts replies
+	// only from that destination, instead of endpoint-independent
+	// ("full cone") mapping by source alone.
+	Symmetric bool
+}
+
+// pendingMax bounds the datagrams held for a mapping whose upstream session
+// is still opening (a proxy handshake, say); past it they are dropped.
+const pendingMax = 32
+
+// udpBufSize holds the largest UDP payload.
+const udpBufSize = 65535
+
+// UDPTable is the UDP NAT table: one upstream session per app source
+// address ("endpoint-independent mapping"), through which the app can reach
+// any destination and from which a datagram from any remote comes back to
+// the app with that remote as its source.
+//
+// Lifecycle: NewUDPTable → Handle (from the packet path) → Close.
+type UDPTable struct {
+	cfg   UDPConfig
+	route Route
+	reply UDPReply
+	log   *slog.Logger
+	fails *causeLog
+
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	mu       sync.Mutex
+	sessions map[udpKey]*udpSession
+	closed   bool
+	wg       sync.WaitGroup
+
+	stats UDPStats
+}
+
+// UDPStats counts UDP mappings and datagrams since NewUDPTable.
+type UDPStats struct {
+	Opened, Expired, Failed, RefusedOverCap atomic.Uint64
+	Active                                  atomic.Int64
+	PacketsUp, PacketsDown, Dropped         atomic.Uint64
+}
+
+type udpKey struct {
+	src, dst netip.AddrPort // dst only in symmetric mode
+}
+
+// NewUDPTable returns an empty table. reply is how datagrams reach the app.
+func NewUDPTable(cfg UDPConfig, route Route, reply UDPReply, log *slog.Logger) (*UDPTable, error) {
+	if route == nil || reply == nil {
+		return nil, errors.New("forwarder: NewUDPTable needs a route and a reply function")
+	}
+	if cfg.IdleTimeout <= 0 || cfg.DNSIdleTimeout <= 0 || cfg.MaxSessions <= 0 {
+		return nil, errors.New("forwarder: udp timeouts and max sessions must be positive")
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	t := &UDPTable{
+		cfg: cfg, route: route, reply: reply, log: log,
+		fails:    newCauseLog(log, time.Minute),
+		ctx:      ctx,
+		cancel:   cancel,
+		sessions: make(map[udpKey]*udpSession),
+	}
+	t.wg.Add(1)
+	go t.expireLoop()
+	return t, nil
+}
+
+// Stats returns the live counters.
+func (t *UDPTable) Stats() *UDPStats { return &t.stats }
+
+// Len returns the number of live mappings.
+func (t *UDPTable) Len() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return len(t.sessions)
+}
+
+// Handle takes one datagram from the app. It never blocks on an upstream:
+// a new mapping opens its upstream session in the background and holds
+// the first datagrams until it is ready. It returns false when the
+// datagram is refused by a reject outbound (the app should get ICMP port
+// unreachable).
+func (t *UDPTable) Handle(src, dst netip.AddrPort, payload []byte) bool {
+	key := udpKey{src: src}
+	if t.cfg.Symmetric {
+		key.dst = dst
+	}
+	t.mu.Lock()
+	if t.closed {
+		t.mu.Unlock()
+		return false
+	}
+	s := t.sessions[key]
+	if s == nil {
+		d := t.route(Flow{Network: "udp", Src: src, Dst: dst})
+		if _, ok := d.(*outbound.Reject); ok {
+			t.mu.Unlock()
+			return false
+		}
+		if len(t.sessions) >= t.cfg.MaxSessions {
+			t.mu.Unlock()
+			t.stats.RefusedOverCap.Add(1)
+			return true
+		}
+		idle := t.cfg.IdleTimeout
+		if dst.Port() == 53 {
+			idle = t.cfg.DNSIdleTimeout
+		}
+		s = &udpSession{table: t, key: key, src: src, dst: dst, dialer: d, idle: idle, ready: make(chan struct{})}
+		s.touch()
+		t.sessions[key] = s
+		t.stats.Opened.Add(1)
+		t.stats.Active.Add(1)
+		t.wg.Add(1)
+		go s.open()
+	}
+	t.mu.Unlock()
+	s.send(dst, payload)
+	return true
+}
+
+// remove deletes s from the table if it is still the entry for its key.
+func (t *UDPTable) remove(s *udpSession) {
+	t.mu.Lock()
+	if t.sessions[s.key] == s {
+		delete(t.sessions, s.key)
+		t.stats.Active.Add(-1)
+	}
+	t.mu.Unlock()
+}
+
+// expireLoop closes mappings idle past their timeout. One goroutine for
+// the whole table, checking at a quarter of the shortest timeout.
+func (t *UDPTable) expireLoop() {
+	defer t.wg.Done()
+	every := min(t.cfg.IdleTimeout, t.cfg.DNSIdleTimeout) / 4
+	every = max(every, 50*time.Millisecond)
+	tick := time.NewTicker(every)
+	defer tick.Stop()
+	for {
+		select {
+		case <-t.ctx.Done():
+			return
+		case <-tick.C:
+		}
+		now := time.Now().UnixNano()
+		var idle []*udpSession
+		t.mu.Lock()
+		for _, s := range t.sessions {
+			if now-s.last.Load() >= int64(s.idle) {
+				idle = append(idle, s)
+			}
+		}
+		t.mu.Unlock()
+		for _, s := range idle {
+			t.stats.Expired.Add(1)
+			s.close()
+		}
+	}
+}
+
+// Close closes every mapping and waits for their goroutines.
+func (t *UDPTable) Close() error {
+	t.mu.Lock()
+	if t.closed {
+		t.mu.Unlock()
+		return nil
+	}
+	t.closed = true
+	all := make([]*udpSession, 0, len(t.sessions))
+	for _, s := range t.sessions {
+		all = append(all, s)
+	}
+	t.mu.Unlock()
+	t.cancel()
+	for _, s := range all {
+		s.close()
+	}
+	t.wg.Wait()
+	return nil
+}
+
+// udpSession is one mapping: an app source and its upstream session.
+type udpSession struct {
+	table    *UDPTable
+	key      udpKey
+	src, dst netip.AddrPort // dst: the first destination
+	dialer   outbound.Dialer
+	idle     time.Duration
+	last     atomic.Int64
+
+	ready chan struct{} // closed once conn is set or opening failed
+
+	mu      sync.Mutex
+	conn    outbound.PacketConn
+	pending []pendingDatagram
+	closed  bool
+}
+
+type pendingDatagram struct {
+	dst     netip.AddrPort
+	payload []byte
+}
+
+func (s *udpSession) touch() { s.last.Store(time.Now().UnixNano()) }
+
+func (s *udpSession) open() {
+	defer s.table.wg.Done()
+	t := s.table
+	conn, err := s.dialer.ListenUDP(t.ctx, outbound.Target{Addr: s.dst})
+	s.mu.Lock()
+	if err != nil || s.closed {
+		pending := len(s.pending)
+		s.pending = nil
+		s.closed = true
+		s.mu.Unlock()
+		close(s.ready)
+		if conn != nil {
+			conn.Close()
+		}
+		if err != nil {
+			t.stats.Failed.Add(1)
+			t.stats.Dropped.Add(uint64(pending))
+			t.fails.warn(s.dialer.Name(), err, "udp session failed", "outbound", s.dialer.Name(), "src", s.src, "dst", s.dst, "err", err)
+		}
+		t.remove(s)
+		return
+	}
+	s.conn = conn
+	pending := s.pending
+	s.pending = nil
+	s.mu.Unlock()
+	close(s.ready)
+	for _, p := range pending {
+		s.write(p.dst, p.payload)
+	}
+	t.log.Debug("udp mapping", "outbound", s.dialer.Name(), "src", s.src, "dst", s.dst)
+	s.readLoop()
+}
+
+// send forwards one datagram from the app, or holds it while the upstream
+// session opens.
+func (s *udpSession) send(dst netip.AddrPort, payload []byte) {
+	s.touch()
+	select {
+	case <-s.ready:
+		s.mu.Lock()
+		conn := s.conn
+		s.mu.Unlock()
+		if conn != nil {
+			s.write(dst, payload)
+		} else {
+			s.table.stats.Dropped.Add(1)
+		}
+		return
+	default:
+	}
+	s.mu.Lock()
+	if s.conn == nil && !s.closed && len(s.pending) < pendingMax {
+		s.pending = append(s.pending, pendingDatagram{dst: dst, payload: append([]byte(nil), payload...)})
+		s.mu.Unlock()
+		return
+	}
+	conn := s.conn
+	s.mu.Unlock()
+	if conn != nil {
+		s.write(dst, payload)
+		return
+	}
+	s.table.stats.Dropped.Add(1)
+}
+
+func (s *udpSession) write(dst netip.AddrPort, payload []byte) {
+	if err := s.conn.WritePacket(payload, outbound.Target{Addr: dst}); err != nil {
+		s.table.stats.Dropped.Add(1)
+		s.table.log.Debug("udp send", "outbound", s.dialer.Name(), "src", s.src, "dst", dst, "err", err)
+		return
+	}
+	s.table.stats.PacketsUp.Add(1)
+}
+
+// readLoop moves datagrams from any remote back to the app, until the
+// session is closed.
+func (s *udpSession) readLoop() {
+	t := s.table
+	buf := make([]byte, udpBufSize)
+	for {
+		n, from, err := s.conn.ReadPacket(buf)
+		if err != nil {
+			s.close()
+			return
+		}
+		if t.cfg.Symmetric && from != s.dst {
+			t.stats.Dropped.Add(1)
+			continue
+		}
+		s.touch()
+		if err := t.reply(buf[:n], from, s.src); err != nil {
+			t.stats.Dropped.Add(1)
+			t.log.Debug("udp reply", "src", from, "dst", s.src, "err", err)
+			continue
+		}
+		t.stats.PacketsDown.Add(1)
+	}
+}
+
+func (s *udpSession) close() {
+	s.mu.Lock()
+	already := s.closed
+	s.closed = true
+	conn := s.conn
+	s.mu.Unlock()
+	s.table.remove(s)
+	if conn != nil && !already {
+		conn.Close()
+	}
+}

@@ -1,0 +1,66 @@
+package outbound
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+)
+
+// Target is where a flow wants to go. Addr is always set (for fake-ip flows
+// it is the fake address); Domain is set when the flow's name is known, so
+// that an outbound able to resolve names (or to hand them to a proxy) can use
+// it instead of Addr.
+type Target struct {
+	Addr   netip.AddrPort
+	Domain string
+}
+
+func (t Target) String() string {
+	if t.Domain != "" {
+		return net.JoinHostPort(t.Domain, fmt.Sprint(t.Addr.Port()))
+	}
+	return t.Addr.String()
+}
+
+// Dialer is the contract every outbound implements.
+//
+// DialTCP returns a connection to dst or an error; an error whose cause is a
+// refusal by the upstream (ECONNREFUSED, a proxy's refusal, a reject rule)
+// satisfies errors.Is(err, ErrRefused) so that the caller can answer the app
+// with a RST. ctx bounds the dial.
+//
+// ListenUDP opens one UDP packet session for one app source address: the
+// session can send to any destination and receives from any remote, which is
+// what endpoint-independent ("full cone") mapping needs. first is the
+// destination of the datagram that opened the session.
+type Dialer interface {
+	Name() string
+	DialTCP(ctx context.Context, dst Target) (TCPConn, error)
+	ListenUDP(ctx context.Context, first Target) (PacketConn, error)
+}
+
+// TCPConn is an upstream TCP connection. CloseWrite sends FIN while the other
+// direction keeps flowing; Abort closes with a RST.
+type TCPConn interface {
+	net.Conn
+	CloseWrite() error
+	Abort() error
+}
+
+// PacketConn is one UDP session towards the upstream.
+//
+// ReadPacket blocks until a datagram from any remote arrives and returns the
+// remote's address as the source. WritePacket sends b to dst without
+// blocking on the network (a full socket buffer drops, as UDP does). Close
+// unblocks a pending ReadPacket.
+type PacketConn interface {
+	ReadPacket(b []byte) (n int, from netip.AddrPort, err error)
+	WritePacket(b []byte, dst Target) error
+	Close() error
+}
+
+// ErrRefused marks a dial that the upstream (or a reject outbound) refused,
+// as opposed to one that timed out or could not route.
+var ErrRefused = errors.New("connection refused")
