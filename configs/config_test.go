@@ -322,11 +322,7 @@ func TestFlagOverrides(t *testing.T) {
 		if err := fs.Parse(tc.args); err != nil {
 			t.Fatalf("Parse(%q): %v", tc.args, err)
 		}
-		if tc.env != "" {
-			t.Setenv("TUNGATE_LOG_LEVEL", tc.env)
-		} else {
-			os.Unsetenv("TUNGATE_LOG_LEVEL")
-		}
+		t.Setenv("TUNGATE_LOG_LEVEL", tc.env) // viper treats an empty variable as unset
 		cfg, err := Load(file, fs)
 		if err != nil {
 			t.Fatalf("Load with args %q, TUNGATE_LOG_LEVEL=%q: %v", tc.args, tc.env, err)

@@ -135,11 +135,11 @@ func decodeAndValidate(settings map[string]any) (*Config, error) {
 
 	// A value that failed to decode is left zero; validating it again would
 	// report the same key twice with a less useful message. Likewise a
-	// problem of a whole list entry ("rules[0]: has no condition") is most
-	// likely the misspelt key inside it, already reported.
-	unknown := problems[:len(problems)-len(decodeProblems)]
+	// problem of a whole list entry ("rules[0]: has no condition") most
+	// likely comes from the misspelt or undecodable key inside it.
+	reported := problems[:len(problems):len(problems)]
 	for _, p := range cfg.validate() {
-		if coveredBy(p.Key, decodeProblems) || isEntryWithUnknownKey(p.Key, unknown) {
+		if coveredBy(p.Key, decodeProblems) || isEntryOfReportedKey(p.Key, reported) {
 			continue
 		}
 		problems = append(problems, p)
@@ -246,14 +246,14 @@ func coveredBy(key string, failed []FieldError) bool {
 	return false
 }
 
-// isEntryWithUnknownKey reports whether key is a list entry ("rules[0]")
-// that holds one of the unknown keys.
-func isEntryWithUnknownKey(key string, unknown []FieldError) bool {
+// isEntryOfReportedKey reports whether key is a list entry ("rules[0]")
+// holding a key that already has a problem ("rules[0].ipcidr").
+func isEntryOfReportedKey(key string, reported []FieldError) bool {
 	if !strings.HasSuffix(key, "]") {
 		return false
 	}
-	for _, u := range unknown {
-		if strings.HasPrefix(u.Key, key+".") {
+	for _, r := range reported {
+		if strings.HasPrefix(r.Key, key+".") {
 			return true
 		}
 	}

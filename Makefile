@@ -1,0 +1,65 @@
+# tungate — see README.md. `make test` is what CI runs (through .ci/run).
+
+GO            ?= go
+BIN           ?= bin/tungate
+VERSION       ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
+LDFLAGS       := -s -w -X main.version=$(VERSION)
+STATICCHECK   := $(shell $(GO) env GOPATH)/bin/staticcheck
+# Debian packages the end-to-end tests start as real peers.
+DEB_PACKAGES  := iproute2 dante-server microsocks tinyproxy dnsmasq-base iperf3 nftables unbound dnsutils curl
+# Packages whose tests move real packets through the lab; they run without
+# -race, under which gVisor spins.
+E2E_PKGS      := ./e2e/...
+UNIT_PKGS     := $(shell $(GO) list ./... 2>/dev/null | grep -v -e /e2e)
+CROSS         := linux/amd64 linux/arm64 darwin/amd64 darwin/arm64
+
+.PHONY: all build run deps test unit e2e lint cross bench clean
+
+all: build
+
+build:
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN) ./cmd/tungate
+
+# Runs tungate on the embedded default configuration (needs root for the TUN).
+run: build
+	./$(BIN) run
+
+# Installs what the tests need on a fresh Debian machine: the peer daemons,
+# the Go modules and staticcheck.
+deps:
+	@missing=""; for p in $(DEB_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	$(GO) mod download
+	@test -x $(STATICCHECK) || $(GO) install honnef.co/go/tools/cmd/staticcheck@v0.8.2
+
+test: deps lint cross unit e2e
+
+unit:
+	$(GO) test -race -count=1 $(UNIT_PKGS)
+
+e2e: build
+	TUNGATE_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -p 1 -timeout 15m -v $(E2E_PKGS)
+
+lint:
+	@fmt=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$fmt" ]; then echo "gofmt needed:"; echo "$$fmt"; exit 1; fi
+	$(GO) vet ./...
+	$(STATICCHECK) ./...
+	GOOS=darwin $(GO) vet ./...
+
+cross:
+	@for t in $(CROSS); do \
+		echo "build $$t"; \
+		CGO_ENABLED=0 GOOS=$${t%/*} GOARCH=$${t#*/} $(GO) build -trimpath -o /dev/null ./cmd/tungate || exit 1; \
+	done
+
+# Go micro-benchmarks of the packet and rule code (never with -race).
+bench:
+	$(GO) test -run '^$$' -bench . -benchmem $(UNIT_PKGS)
+
+clean:
+	rm -rf bin
