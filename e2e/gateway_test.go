@@ -1,0 +1,226 @@
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"go.yaml.in/yaml/v3"
+	"golang.org/x/sys/unix"
+
+	"github.com/tungate/tungate/internal/netlab"
+)
+
+// binary is the tungate binary under test: $TUNGATE_BIN, or built once by
+// TestMain.
+var binary string
+
+func TestMain(m *testing.M) {
+	code := func() int {
+		binary = os.Getenv("TUNGATE_BIN")
+		if binary == "" {
+			dir, err := os.MkdirTemp("", "tungate-e2e")
+			if err != nil {
+				fmt.Fprintln(os.Stderr, err)
+				return 1
+			}
+			defer os.RemoveAll(dir)
+			binary = filepath.Join(dir, "tungate")
+			out, err := exec.Command("go", "build", "-o", binary, "../cmd/tungate").CombinedOutput()
+			if err != nil {
+				fmt.Fprintf(os.Stderr, "building tungate: %v\n%s", err, out)
+				return 1
+			}
+		}
+		return m.Run()
+	}()
+	os.Exit(code)
+}
+
+const (
+	tunName   = "tg0"
+	apiAddr   = "127.0.0.1:9090"
+	fwmark    = 0x2e7
+	routeTab  = 100
+	rulePrio  = 100
+	startWait = 10 * time.Second
+)
+
+// gateway is a running tungate inside a lab's app namespace.
+type gateway struct {
+	t    testing.TB
+	lab  *netlab.Lab
+	proc *netlab.Proc
+	http *http.Client
+}
+
+// baseConfig is the configuration every test starts from: a TUN in the app
+// namespace, the direct outbound, the API on the namespace's loopback, and
+// no DNS or auto-route (those belong to other tests).
+func baseConfig() map[string]any {
+	offload := "auto"
+	if v := os.Getenv("TUNGATE_E2E_OFFLOAD"); v != "" {
+		offload = v
+	}
+	return map[string]any{
+		"log": map[string]any{"level": "debug"},
+		"tun": map[string]any{
+			"name":    tunName,
+			"mtu":     9000,
+			"address": []string{"172.19.0.1/30", "fdfe:dcba:9876::1/126"},
+			"offload": offload,
+		},
+		"outbounds": []any{map[string]any{"name": "direct", "type": "direct", "fwmark": fwmark}},
+		"dns":       map[string]any{"enabled": false},
+		"route":     map[string]any{"auto": false},
+		"api":       map[string]any{"listen": apiAddr},
+	}
+}
+
+// startGateway writes cfg, starts tungate in lab.App and routes the app
+// namespace's traffic into its TUN: a table with default routes into the
+// TUN and `not fwmark <mark>` rules sending everything else there.
+func startGateway(t testing.TB, lab *netlab.Lab, cfg map[string]any) *gateway {
+	t.Helper()
+	raw, err := yaml.Marshal(cfg)
+	if err != nil {
+		t.Fatalf("yaml.Marshal: %v", err)
+	}
+	path := filepath.Join(t.TempDir(), "tungate.yaml")
+	if err := os.WriteFile(path, raw, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	g := &gateway{t: t, lab: lab}
+	g.proc = lab.App.Start(t, binary, "run", "--config", path)
+	lab.App.WaitLink(t, tunName, true, startWait)
+	g.routeIntoTUN()
+	g.http = &http.Client{
+		Timeout: 5 * time.Second,
+		Transport: &http.Transport{
+			DisableKeepAlives: true, // a kept-alive scrape would hold a server goroutine
+			DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+				return lab.App.DialTimeout(network, addr, 2*time.Second)
+			},
+		},
+	}
+	deadline := time.Now().Add(startWait)
+	for {
+		resp, err := g.http.Get("http://" + apiAddr + "/healthz")
+		if err == nil {
+			resp.Body.Close()
+			break
+		}
+		if time.Now().After(deadline) || g.proc.Exited() {
+			t.Fatalf("tungate API not up: %v\n%s", err, g.proc.Log())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return g
+}
+
+func (g *gateway) routeIntoTUN() {
+	t := g.t
+	h := g.lab.App.Netlink(t)
+	link, err := h.LinkByName(tunName)
+	if err != nil {
+		t.Fatalf("LinkByName(%s): %v", tunName, err)
+	}
+	for _, family := range []int{unix.AF_INET, unix.AF_INET6} {
+		dst := &net.IPNet{IP: net.IPv4zero, Mask: net.CIDRMask(0, 32)}
+		if family == unix.AF_INET6 {
+			dst = &net.IPNet{IP: net.IPv6zero, Mask: net.CIDRMask(0, 128)}
+		}
+		if err := h.RouteAdd(&netlink.Route{LinkIndex: link.Attrs().Index, Dst: dst, Table: routeTab, Family: family}); err != nil {
+			t.Fatalf("RouteAdd(default dev %s table %d, family %d): %v", tunName, routeTab, family, err)
+		}
+		rule := netlink.NewRule()
+		rule.Family = family
+		rule.Mark = fwmark
+		rule.Invert = true
+		rule.Table = routeTab
+		rule.Priority = rulePrio
+		if err := h.RuleAdd(rule); err != nil {
+			t.Fatalf("RuleAdd(not fwmark %#x table %d, family %d): %v", fwmark, routeTab, family, err)
+		}
+	}
+}
+
+// metric returns the current value of a Prometheus metric without labels.
+func (g *gateway) metric(name string) float64 {
+	g.t.Helper()
+	resp, err := g.http.Get("http://" + apiAddr + "/metrics")
+	if err != nil {
+		g.t.Fatalf("scrape: %v", err)
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		if rest, ok := strings.CutPrefix(line, name+" "); ok {
+			v, err := strconv.ParseFloat(strings.TrimSpace(rest), 64)
+			if err != nil {
+				g.t.Fatalf("metric %s: %q: %v", name, line, err)
+			}
+			return v
+		}
+	}
+	g.t.Fatalf("metric %s not exported", name)
+	return 0
+}
+
+// waitMetric polls until cond holds for the metric, failing after timeout.
+func (g *gateway) waitMetric(name string, timeout time.Duration, desc string, cond func(float64) bool) float64 {
+	g.t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		v := g.metric(name)
+		if cond(v) {
+			return v
+		}
+		if time.Now().After(deadline) {
+			g.t.Fatalf("metric %s = %v, want %s within %v", name, v, desc, timeout)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// stop sends SIGTERM and checks tungate exits 0 within 5 s.
+func (g *gateway) stop() {
+	g.t.Helper()
+	start := time.Now()
+	if err := g.proc.Signal(unix.SIGTERM); err != nil {
+		g.t.Fatalf("SIGTERM: %v", err)
+	}
+	exited, err := g.proc.Wait(5 * time.Second)
+	if !exited {
+		g.t.Fatalf("tungate still running 5 s after SIGTERM\n%s", g.proc.Log())
+	}
+	if err != nil {
+		g.t.Fatalf("tungate exit after SIGTERM: %v\n%s", err, g.proc.Log())
+	}
+	g.t.Logf("tungate stopped in %v", time.Since(start).Round(time.Millisecond))
+}
+
+func remote4(i int, port int) string {
+	return netip.AddrPortFrom(netlab.Remote4(i), uint16(port)).String()
+}
+
+func remote6(i int, port int) string {
+	return netip.AddrPortFrom(netlab.Remote6(i), uint16(port)).String()
+}
+
+// drain reads r to EOF, returning the count.
+func drain(r io.Reader) (int64, error) { return io.Copy(io.Discard, r) }
