@@ -171,7 +171,7 @@ func start(cfg *configs.Config, log *slog.Logger) (g *gateway, err error) {
 	}
 	log.Info("tungate running", "tun", g.dev.Name(), "outbounds", strings.Join(names, ","), "final", cfg.FinalOutbound(), "rules", len(cfg.Rules))
 	if cfg.Route.Auto {
-		log.Warn("route.auto: automatic routes are not available yet; route traffic into the TUN yourself", "tun", g.dev.Name())
+		log.Warn("route.auto: auto-route is not available yet; route traffic into the TUN yourself", "tun", g.dev.Name())
 	}
 	if cfg.DNS.Enabled {
 		log.Warn("dns: the DNS proxy is not available yet; port-53 flows are relayed like any other flow")

@@ -1,0 +1,108 @@
+package e2e
+
+import (
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/tungate/tungate/internal/netlab"
+)
+
+func TestCheck(t *testing.T) {
+	dir := t.TempDir()
+	for _, tc := range []struct {
+		name, yaml string
+		ok         bool
+		want       []string // each must appear in the output
+	}{
+		{"valid", "log: {level: debug}\n", true, []string{"ok"}},
+		{"misspelt key", "dns:\n  mod: fake-ip\n", false, []string{"dns.mod", "unknown key", `did you mean "mode"`}},
+		{"bad cidr", "rules:\n  - ip_cidr: [10.0.0.0/33]\n    outbound: direct\n", false, []string{"rules[0].ip_cidr[0]", "10.0.0.0/33"}},
+		{"bad duration and unknown outbound together", "stack: {tcp: {dial_timeout: soon}}\nfinal: prxy\n", false, []string{"stack.tcp.dial_timeout", "final", `"prxy"`}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			path := filepath.Join(dir, strings.ReplaceAll(tc.name, " ", "-")+".yaml")
+			os.WriteFile(path, []byte(tc.yaml), 0o600)
+			out, err := exec.Command(binary, "check", "--config", path).CombinedOutput()
+			if tc.ok != (err == nil) {
+				t.Fatalf("tungate check: err=%v, want ok=%v\n%s", err, tc.ok, out)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(string(out), w) {
+					t.Errorf("tungate check output lacks %q:\n%s", w, out)
+				}
+			}
+		})
+	}
+	out, err := exec.Command(binary, "version").CombinedOutput()
+	if err != nil || !strings.HasPrefix(string(out), "tungate ") {
+		t.Errorf("tungate version: %q, %v", out, err)
+	}
+}
+
+// TestRunDefault starts `tungate run` with no flags at all — the embedded
+// default — in a lab namespace, and stops it.
+func TestRunDefault(t *testing.T) {
+	lab := netlab.New(t)
+	p := lab.App.Start(t, binary, "run")
+	lab.App.WaitLink(t, "tungate0", true, startWait)
+	addrs := lab.App.MustRun(t, "ip", "-o", "addr", "show", "dev", "tungate0")
+	for _, want := range []string{"172.19.0.1/30", "fdfe:dcba:9876::1/126"} {
+		if !strings.Contains(addrs, want) {
+			t.Errorf("tungate0 lacks the default address %s:\n%s", want, addrs)
+		}
+	}
+	if link := lab.App.MustRun(t, "ip", "-o", "link", "show", "dev", "tungate0"); !strings.Contains(link, "mtu 9000") {
+		t.Errorf("tungate0 MTU is not the default 9000: %s", link)
+	}
+	waitLog(t, p, "auto-route is not available yet", startWait)
+	if err := p.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if exited, err := p.Wait(5 * time.Second); !exited || err != nil {
+		t.Fatalf("after SIGTERM: exited=%v err=%v\n%s", exited, err, p.Log())
+	}
+	if out, err := lab.App.Run(t.Context(), "ip", "link", "show", "dev", "tungate0"); err == nil {
+		t.Fatalf("tungate0 still exists after exit:\n%s", out)
+	}
+}
+
+func waitLog(t testing.TB, p *netlab.Proc, substr string, timeout time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !strings.Contains(p.Log(), substr) {
+		if time.Now().After(deadline) {
+			t.Fatalf("log never mentioned %q:\n%s", substr, p.Log())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TestShutdownWithOpenFlows: SIGTERM with a flow open ends it with a reset
+// the app can see (not a clean EOF that would pass for a complete
+// transfer), removes the TUN and exits 0 within 5 s.
+func TestShutdownWithOpenFlows(t *testing.T) {
+	lab := netlab.New(t)
+	g := startGateway(t, lab, baseConfig())
+	lab.Wan.TCPEcho(t, remote4(1, 7))
+	c := dialApp(t, lab, remote4(1, 7))
+	defer c.Close()
+	c.Write([]byte("hold"))
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c.Read(make([]byte, 4)); err != nil {
+		t.Fatal(err)
+	}
+	g.stop()
+	_, err := c.Read(make([]byte, 4))
+	if !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("open flow after shutdown: %v; want ECONNRESET", err)
+	}
+	if out, err := lab.App.Run(t.Context(), "ip", "link", "show", "dev", tunName); err == nil {
+		t.Fatalf("%s still exists after exit:\n%s", tunName, out)
+	}
+}
