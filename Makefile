@@ -42,8 +42,10 @@ test: deps lint cross unit e2e
 unit:
 	$(GO) test -race -count=1 $(UNIT_PKGS)
 
+# The whole end-to-end suite runs twice: TUN offloads on (auto) and off.
 e2e: build
-	TUNGATE_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -p 1 -timeout 15m -v $(E2E_PKGS)
+	TUNGATE_BIN=$(CURDIR)/$(BIN) TUNGATE_E2E_OFFLOAD=auto $(GO) test -count=1 -p 1 -timeout 15m -v $(E2E_PKGS)
+	TUNGATE_BIN=$(CURDIR)/$(BIN) TUNGATE_E2E_OFFLOAD=off $(GO) test -count=1 -p 1 -timeout 15m -v $(E2E_PKGS)
 
 lint:
 	@fmt=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$fmt" ]; then echo "gofmt needed:"; echo "$$fmt"; exit 1; fi

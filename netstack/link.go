@@ -58,11 +58,15 @@ type linkEndpoint struct {
 	closing sync.Once
 	wg      sync.WaitGroup
 
-	readErrors   atomic.Uint64
-	writeErrors  atomic.Uint64
-	badVersion   atomic.Uint64
-	packetsIn    atomic.Uint64
-	packetsOut   atomic.Uint64
+	readErrors  atomic.Uint64
+	writeErrors atomic.Uint64
+	badVersion  atomic.Uint64
+	packetsIn   atomic.Uint64
+	packetsOut  atomic.Uint64
+	// enqueued and settled (written or failed) tell Flush when every packet
+	// handed to WritePackets has left.
+	enqueued     atomic.Uint64
+	settled      atomic.Uint64
 	onFatalError func(error)
 }
 
@@ -179,7 +183,9 @@ func (e *linkEndpoint) writeLoop(isClosed func(error) bool) {
 			}
 			break
 		}
-		if _, err := e.dev.Write(toWrite); err != nil {
+		_, err := e.dev.Write(toWrite)
+		e.settled.Add(uint64(len(toWrite)))
+		if err != nil {
 			if isClosed(err) {
 				return
 			}
@@ -213,6 +219,7 @@ func (e *linkEndpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Err
 	for _, pkt := range pkts.AsSlice() {
 		select {
 		case e.out <- pkt.IncRef():
+			e.enqueued.Add(1)
 			n++
 		case <-e.done:
 			pkt.DecRef()

@@ -250,7 +250,7 @@ func toTCPIP(a netip.Addr) tcpip.Address {
 // or timeout passes.
 func (s *Stack) Flush(timeout time.Duration) {
 	deadline := time.Now().Add(timeout)
-	for len(s.link.out) > 0 && time.Now().Before(deadline) {
+	for s.link.settled.Load() < s.link.enqueued.Load() && time.Now().Before(deadline) {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
