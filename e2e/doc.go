@@ -1,3 +1,5 @@
+//go:build linux
+
 // Package e2e holds the end-to-end tests: each builds a two-namespace lab
 // (internal/netlab), runs the real tungate binary in the "app" namespace
 // with a TUN device, sends the app's traffic into it by policy routing, and

@@ -1,10 +1,11 @@
+//go:build linux
+
 package e2e
 
 import (
 	"bufio"
 	"context"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"net/netip"
@@ -221,6 +222,3 @@ func remote4(i int, port int) string {
 func remote6(i int, port int) string {
 	return netip.AddrPortFrom(netlab.Remote6(i), uint16(port)).String()
 }
-
-// drain reads r to EOF, returning the count.
-func drain(r io.Reader) (int64, error) { return io.Copy(io.Discard, r) }

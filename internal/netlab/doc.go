@@ -1,3 +1,5 @@
+//go:build linux
+
 // Package netlab builds the network lab that tungate's end-to-end tests run
 // in: two fresh network namespaces, "app" and "wan", joined by a veth pair,
 // with "remote" hosts on wan's loopback (see /work/shared/TESTING.md).
