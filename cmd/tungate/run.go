@@ -27,6 +27,10 @@ import (
 // to reach the app before the device closes.
 const shutdownFlush = 200 * time.Millisecond
 
+// shutdownHandshakeWait bounds how long shutdown waits for TCP flows to end
+// before destroying the stack (which ends handshakes stuck on a silent app).
+const shutdownHandshakeWait = 2 * time.Second
+
 func newLogger(cfg configs.Log) *slog.Logger {
 	var level slog.Level
 	_ = level.UnmarshalText([]byte(cfg.Level))
@@ -181,6 +185,10 @@ func start(cfg *configs.Config, log *slog.Logger) (g *gateway, err error) {
 
 // close shuts down in order: refuse new flows, end the open ones (their
 // RSTs still reach the apps), then the device, the stack and the API.
+//
+// A flow still in its handshake with the app holds its goroutine until the
+// stack is destroyed, so the TCP relay's Close is waited for only briefly
+// before the stack goes, and fully after.
 func (g *gateway) close() {
 	if g.closed {
 		return
@@ -189,11 +197,20 @@ func (g *gateway) close() {
 	if g.stack != nil {
 		g.stack.StopAccepting()
 	}
-	if g.tcp != nil {
-		g.tcp.Close()
-	}
+	tcpClosed := make(chan struct{})
+	go func() {
+		defer close(tcpClosed)
+		if g.tcp != nil {
+			g.tcp.Close()
+		}
+	}()
 	if g.udp != nil {
 		g.udp.Close()
+	}
+	select {
+	case <-tcpClosed:
+	case <-time.After(shutdownHandshakeWait):
+		g.log.Warn("tcp flows still closing; destroying the stack under them")
 	}
 	if g.stack != nil {
 		g.stack.Flush(shutdownFlush)
@@ -206,6 +223,7 @@ func (g *gateway) close() {
 	if g.stack != nil {
 		g.stack.Close()
 	}
+	<-tcpClosed
 	if g.api != nil {
 		g.api.Close()
 	}
