@@ -3,6 +3,7 @@ package forwarder
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"sync"
@@ -26,6 +27,22 @@ func waitFor(t testing.TB, within time.Duration, what string, cond func() bool) 
 	}
 }
 
+// closeWithin closes c and fails the test if Close errs or takes longer
+// than within (a Close that hangs would otherwise hang the test binary).
+func closeWithin(t testing.TB, c interface{ Close() error }, within time.Duration) {
+	t.Helper()
+	closed := make(chan error, 1)
+	go func() { closed <- c.Close() }()
+	select {
+	case err := <-closed:
+		if err != nil {
+			t.Errorf("Close: %v", err)
+		}
+	case <-time.After(within):
+		t.Fatalf("Close did not return within %v", within)
+	}
+}
+
 // errClosed is what the fake packet conn returns once closed.
 var errClosed = net.ErrClosed
 
@@ -41,6 +58,8 @@ type fakeDialer struct {
 	listenErrs []error
 	// echo makes every session answer each datagram from its destination.
 	echo bool
+	// onWrite is installed as every session's onWrite.
+	onWrite func(n int)
 
 	// dialTCP, when set, implements DialTCP.
 	dialTCP func(ctx context.Context, dst outbound.Target) (outbound.TCPConn, error)
@@ -84,7 +103,7 @@ func (d *fakeDialer) ListenUDP(ctx context.Context, first outbound.Target) (outb
 	if n < len(d.listenErrs) && d.listenErrs[n] != nil {
 		return nil, d.listenErrs[n]
 	}
-	c := &fakePacketConn{first: first.Addr, echo: d.echo, in: make(chan fakeDatagram, 64), closed: make(chan struct{})}
+	c := &fakePacketConn{first: first.Addr, echo: d.echo, onWrite: d.onWrite, in: make(chan fakeDatagram, 64), closed: make(chan struct{})}
 	d.mu.Lock()
 	d.conns = append(d.conns, c)
 	d.mu.Unlock()
@@ -117,6 +136,8 @@ type fakeDatagram struct {
 	payload string
 	addr    netip.AddrPort // remote: source of a reply, destination of a write
 }
+
+func (d fakeDatagram) String() string { return fmt.Sprintf("%q@%s", d.payload, d.addr) }
 
 // fakePacketConn is an in-memory outbound.PacketConn: it records what the
 // table writes and lets the test inject datagrams from any remote.
@@ -208,6 +229,8 @@ type appDatagram struct {
 	payload  string
 	from, to netip.AddrPort
 }
+
+func (d appDatagram) String() string { return fmt.Sprintf("%q %s->%s", d.payload, d.from, d.to) }
 
 func (r *replyRecorder) reply(payload []byte, from, to netip.AddrPort) error {
 	r.mu.Lock()

@@ -205,8 +205,18 @@ func (r *tcpRelay) abort() {
 func (r *tcpRelay) run(idle time.Duration, st *TCPStats) {
 	if idle > 0 {
 		r.last.Store(time.Now().UnixNano())
-		var timer *time.Timer
-		timer = time.AfterFunc(idle, func() {
+		var (
+			mu     sync.Mutex
+			ended  bool
+			timer  *time.Timer
+			expire func()
+		)
+		expire = func() {
+			mu.Lock()
+			defer mu.Unlock()
+			if ended {
+				return
+			}
 			since := time.Since(time.Unix(0, r.last.Load()))
 			if since >= idle {
 				st.IdleClosed.Add(1)
@@ -214,8 +224,16 @@ func (r *tcpRelay) run(idle time.Duration, st *TCPStats) {
 				return
 			}
 			timer.Reset(idle - since)
-		})
-		defer timer.Stop()
+		}
+		mu.Lock()
+		timer = time.AfterFunc(idle, expire)
+		mu.Unlock()
+		defer func() {
+			mu.Lock()
+			ended = true
+			timer.Stop()
+			mu.Unlock()
+		}()
 	}
 	done := make(chan struct{})
 	go func() {

@@ -141,6 +141,7 @@ func (t *UDPTable) Handle(src, dst netip.AddrPort, payload []byte) bool {
 			idle = t.cfg.DNSIdleTimeout
 		}
 		s = &udpSession{table: t, key: key, src: src, dst: dst, dialer: d, idle: idle, ready: make(chan struct{})}
+		s.ctx, s.cancel = context.WithCancel(t.ctx)
 		s.touch()
 		t.sessions[key] = s
 		t.stats.Opened.Add(1)
@@ -225,6 +226,11 @@ type udpSession struct {
 
 	ready chan struct{} // closed once conn is set or opening failed
 
+	// ctx bounds the opening of the upstream session; close cancels it,
+	// so an expired mapping does not leave a hung handshake behind.
+	ctx    context.Context
+	cancel context.CancelFunc
+
 	mu      sync.Mutex
 	conn    outbound.PacketConn
 	pending []pendingDatagram
@@ -241,33 +247,36 @@ func (s *udpSession) touch() { s.last.Store(time.Now().UnixNano()) }
 func (s *udpSession) open() {
 	defer s.table.wg.Done()
 	t := s.table
-	conn, err := s.dialer.ListenUDP(t.ctx, outbound.Target{Addr: s.dst})
+	conn, err := s.dialer.ListenUDP(s.ctx, outbound.Target{Addr: s.dst})
 	s.mu.Lock()
 	if err != nil || s.closed {
+		wasClosed := s.closed
 		pending := len(s.pending)
 		s.pending = nil
 		s.closed = true
 		s.mu.Unlock()
 		close(s.ready)
+		s.cancel()
 		if conn != nil {
 			conn.Close()
 		}
-		if err != nil {
+		t.stats.Dropped.Add(uint64(pending))
+		if err != nil && !wasClosed {
 			t.stats.Failed.Add(1)
-			t.stats.Dropped.Add(uint64(pending))
 			t.fails.warn(s.dialer.Name(), err, "udp session failed", "outbound", s.dialer.Name(), "src", s.src, "dst", s.dst, "err", err)
 		}
 		t.remove(s)
 		return
 	}
 	s.conn = conn
-	pending := s.pending
+	// The held datagrams go out before ready opens, so none sent later
+	// overtakes them; WritePacket does not block.
+	for _, p := range s.pending {
+		s.write(p.dst, p.payload)
+	}
 	s.pending = nil
 	s.mu.Unlock()
 	close(s.ready)
-	for _, p := range pending {
-		s.write(p.dst, p.payload)
-	}
 	t.log.Debug("udp mapping", "outbound", s.dialer.Name(), "src", s.src, "dst", s.dst)
 	s.readLoop()
 }
@@ -344,6 +353,7 @@ func (s *udpSession) close() {
 	s.closed = true
 	conn := s.conn
 	s.mu.Unlock()
+	s.cancel()
 	s.table.remove(s)
 	if conn != nil && !already {
 		conn.Close()
