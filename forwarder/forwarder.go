@@ -14,12 +14,17 @@ import (
 type Flow struct {
 	Network  string // "tcp" or "udp"
 	Src, Dst netip.AddrPort
-	// Domain is the name the app resolved to reach Dst, when known.
+	// Domain is the name the app resolved to reach Dst, when known. Route
+	// may fill it in (from fake-ip or the DNS cache); the outbound gets it.
 	Domain string
+	// Release, when Route sets it, is called once when the flow (for UDP:
+	// the mapping) has ended, e.g. to unpin a fake address.
+	Release func()
 }
 
-// Route picks the outbound for a flow. It must not block.
-type Route func(Flow) outbound.Dialer
+// Route picks the outbound for a flow and may fill in what it learns
+// (Domain, Release). It must not block.
+type Route func(f *Flow) outbound.Dialer
 
 // causeLog logs a failure once per outbound and cause within a window, so a
 // dead upstream produces one line a minute rather than one per flow.

@@ -248,4 +248,4 @@ func (r *replyRecorder) received() []appDatagram {
 func ap(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
 
 // routeTo routes every flow to d.
-func routeTo(d outbound.Dialer) Route { return func(Flow) outbound.Dialer { return d } }
+func routeTo(d outbound.Dialer) Route { return func(*Flow) outbound.Dialer { return d } }

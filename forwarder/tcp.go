@@ -113,8 +113,12 @@ func (t *TCP) Handle(f TCPFlow) {
 	t.mu.Unlock()
 	defer t.wg.Done()
 
-	dst := outbound.Target{Addr: f.Dst()}
-	d := t.route(Flow{Network: "tcp", Src: f.Src(), Dst: f.Dst()})
+	flow := Flow{Network: "tcp", Src: f.Src(), Dst: f.Dst()}
+	d := t.route(&flow)
+	if flow.Release != nil {
+		defer flow.Release()
+	}
+	dst := outbound.Target{Addr: flow.Dst, Domain: flow.Domain}
 	ctx, cancel := context.WithTimeout(t.ctx, t.cfg.DialTimeout)
 	up, err := d.DialTCP(ctx, dst)
 	cancel()

@@ -414,7 +414,7 @@ func TestTCPAcceptFailureResetsUpstream(t *testing.T) {
 }
 
 func TestTCPIdleTimeout(t *testing.T) {
-	const idle = 200 * time.Millisecond
+	const idle = time.Second // 20 gaps of 50 ms: room for a loaded machine or -race
 	cfg := TCPConfig{DialTimeout: 2 * time.Second, IdleTimeout: idle}
 
 	t.Run("no traffic", func(t *testing.T) {
@@ -442,7 +442,7 @@ func TestTCPIdleTimeout(t *testing.T) {
 			if dir == "upstream sends" {
 				from, to = fl.up, fl.app
 			}
-			for i := range 12 { // 600 ms
+			for i := range 30 { // 1.5 s
 				time.Sleep(50 * time.Millisecond)
 				roundTrip(t, from, to, fmt.Sprint(i%10))
 			}

@@ -31,6 +31,9 @@ type UDPConfig struct {
 	// only from that destination, instead of endpoint-independent
 	// ("full cone") mapping by source alone.
 	Symmetric bool
+	// Names, when set, gives the domain behind a destination address
+	// (fake-ip), for datagrams a mapping sends after its first.
+	Names func(netip.Addr) (string, bool)
 }
 
 // pendingMax bounds the datagrams held for a mapping whose upstream session
@@ -126,21 +129,25 @@ func (t *UDPTable) Handle(src, dst netip.AddrPort, payload []byte) bool {
 	}
 	s := t.sessions[key]
 	if s == nil {
-		d := t.route(Flow{Network: "udp", Src: src, Dst: dst})
-		if _, ok := d.(*outbound.Reject); ok {
-			t.mu.Unlock()
-			return false
-		}
 		if len(t.sessions) >= t.cfg.MaxSessions {
 			t.mu.Unlock()
 			t.stats.RefusedOverCap.Add(1)
 			return true
 		}
+		flow := Flow{Network: "udp", Src: src, Dst: dst}
+		d := t.route(&flow)
+		if _, ok := d.(*outbound.Reject); ok {
+			t.mu.Unlock()
+			if flow.Release != nil {
+				flow.Release()
+			}
+			return false
+		}
 		idle := t.cfg.IdleTimeout
 		if dst.Port() == 53 {
 			idle = t.cfg.DNSIdleTimeout
 		}
-		s = &udpSession{table: t, key: key, src: src, dst: dst, dialer: d, idle: idle, ready: make(chan struct{})}
+		s = &udpSession{table: t, key: key, src: src, dst: dst, domain: flow.Domain, release: flow.Release, dialer: d, idle: idle, ready: make(chan struct{})}
 		s.ctx, s.cancel = context.WithCancel(t.ctx)
 		s.touch()
 		t.sessions[key] = s
@@ -220,6 +227,8 @@ type udpSession struct {
 	table    *UDPTable
 	key      udpKey
 	src, dst netip.AddrPort // dst: the first destination
+	domain   string         // dst's name, when Route knew it
+	release  func()
 	dialer   outbound.Dialer
 	idle     time.Duration
 	last     atomic.Int64
@@ -247,7 +256,7 @@ func (s *udpSession) touch() { s.last.Store(time.Now().UnixNano()) }
 func (s *udpSession) open() {
 	defer s.table.wg.Done()
 	t := s.table
-	conn, err := s.dialer.ListenUDP(s.ctx, outbound.Target{Addr: s.dst})
+	conn, err := s.dialer.ListenUDP(s.ctx, outbound.Target{Addr: s.dst, Domain: s.domain})
 	s.mu.Lock()
 	if err != nil || s.closed {
 		wasClosed := s.closed
@@ -266,6 +275,9 @@ func (s *udpSession) open() {
 			t.fails.warn(s.dialer.Name(), err, "udp session failed", "outbound", s.dialer.Name(), "src", s.src, "dst", s.dst, "err", err)
 		}
 		t.remove(s)
+		if !wasClosed && s.release != nil {
+			s.release()
+		}
 		return
 	}
 	s.conn = conn
@@ -314,7 +326,13 @@ func (s *udpSession) send(dst netip.AddrPort, payload []byte) {
 }
 
 func (s *udpSession) write(dst netip.AddrPort, payload []byte) {
-	if err := s.conn.WritePacket(payload, outbound.Target{Addr: dst}); err != nil {
+	target := outbound.Target{Addr: dst}
+	if dst == s.dst {
+		target.Domain = s.domain
+	} else if names := s.table.cfg.Names; names != nil {
+		target.Domain, _ = names(dst.Addr())
+	}
+	if err := s.conn.WritePacket(payload, target); err != nil {
 		s.table.stats.Dropped.Add(1)
 		s.table.log.Debug("udp send", "outbound", s.dialer.Name(), "src", s.src, "dst", dst, "err", err)
 		return
@@ -355,7 +373,13 @@ func (s *udpSession) close() {
 	s.mu.Unlock()
 	s.cancel()
 	s.table.remove(s)
-	if conn != nil && !already {
+	if already {
+		return
+	}
+	if conn != nil {
 		conn.Close()
+	}
+	if s.release != nil {
+		s.release()
 	}
 }

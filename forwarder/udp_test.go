@@ -225,12 +225,14 @@ func TestUDPActivityKeepsMappingAlive(t *testing.T) {
 		t.Run(dir, func(t *testing.T) {
 			leakcheck.Check(t)
 			d := &fakeDialer{name: "fake"}
-			tbl, rec := newUDPTable(t, UDPConfig{IdleTimeout: 200 * time.Millisecond, DNSIdleTimeout: time.Minute, MaxSessions: 8}, routeTo(d))
+			// A timeout 20 gaps long: a loaded machine (or -race)
+			// can stretch one 50 ms sleep several times over.
+			tbl, rec := newUDPTable(t, UDPConfig{IdleTimeout: time.Second, DNSIdleTimeout: time.Minute, MaxSessions: 8}, routeTo(d))
 
 			tbl.Handle(appSrc, remote1, []byte("open"))
 			waitFor(t, 2*time.Second, "the session opened", func() bool { return len(d.sessions()) == 1 })
 			sess := d.sessions()[0]
-			for i := range 12 { // 600 ms at one datagram per 50 ms
+			for i := range 30 { // 1.5 s at one datagram per 50 ms
 				time.Sleep(50 * time.Millisecond)
 				if dir == "app sends" {
 					tbl.Handle(appSrc, remote1, []byte(strconv.Itoa(i)))
@@ -239,18 +241,18 @@ func TestUDPActivityKeepsMappingAlive(t *testing.T) {
 				}
 			}
 			if got := tbl.Stats().Expired.Load(); got != 0 {
-				t.Fatalf("mapping expired %d times while datagrams flowed every 50ms (idle timeout 200ms)", got)
+				t.Fatalf("mapping expired %d times while datagrams flowed every 50ms (idle timeout 1s)", got)
 			}
 			if n, _ := d.listenCount(); n != 1 || sess.closeCount() != 0 || tbl.Len() != 1 {
-				t.Fatalf("after 600ms of traffic: ListenUDP calls %d, session closed %d times, Len() %d; want 1, 0, 1",
+				t.Fatalf("after 1.5s of traffic: ListenUDP calls %d, session closed %d times, Len() %d; want 1, 0, 1",
 					n, sess.closeCount(), tbl.Len())
 			}
 			if dir == "app sends" {
-				waitFor(t, time.Second, "13 upstream writes", func() bool { return len(sess.written()) == 13 })
+				waitFor(t, time.Second, "31 upstream writes", func() bool { return len(sess.written()) == 31 })
 			} else {
-				waitFor(t, time.Second, "12 replies at the app", func() bool { return len(rec.received()) == 12 })
+				waitFor(t, time.Second, "30 replies at the app", func() bool { return len(rec.received()) == 30 })
 			}
-			waitFor(t, 2*time.Second, "expiry once traffic stopped", func() bool { return tbl.Len() == 0 })
+			waitFor(t, 5*time.Second, "expiry once traffic stopped", func() bool { return tbl.Len() == 0 })
 		})
 	}
 }
@@ -470,7 +472,7 @@ func TestUDPReject(t *testing.T) {
 	leakcheck.Check(t)
 	d := &fakeDialer{name: "fake"}
 	blocked := ap("10.233.1.9:443")
-	tbl, _ := newUDPTable(t, longUDPConfig(), func(f Flow) outbound.Dialer {
+	tbl, _ := newUDPTable(t, longUDPConfig(), func(f *Flow) outbound.Dialer {
 		if f.Dst == blocked {
 			return outbound.NewReject("block")
 		}

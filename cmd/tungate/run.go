@@ -104,7 +104,7 @@ func start(cfg *configs.Config, log *slog.Logger) (g *gateway, err error) {
 	if err != nil {
 		return nil, err
 	}
-	route := func(f forwarder.Flow) outbound.Dialer {
+	route := func(f *forwarder.Flow) outbound.Dialer {
 		name, idx := rt.Match(router.Metadata{Network: f.Network, Src: f.Src, Dst: f.Dst, Domain: f.Domain})
 		log.Debug("route", "network", f.Network, "src", f.Src, "dst", f.Dst, "rule", idx, "outbound", name)
 		return dialers[name]
