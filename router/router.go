@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"regexp"
+	"slices"
 	"strings"
 
 	"github.com/tungate/tungate/configs"
@@ -17,9 +18,40 @@ type Metadata struct {
 }
 
 // Router matches flows against an ordered rule list.
+//
+// Matching does not scan every rule: rules whose domain conditions are
+// exact names or suffixes are indexed by name (a lookup per label suffix of
+// the flow's domain), rules with destination CIDRs by prefix (a lookup per
+// distinct prefix length), and only the rest are scanned. The candidates
+// each index yields are checked in full, and the lowest-numbered rule that
+// matches wins, so the result is the same as a scan in order.
 type Router struct {
 	rules []rule
 	final string
+
+	byDomain map[string][]int32 // exact name or suffix → rule indexes, ascending
+	byPrefix prefixIndex
+	scanned  []int32 // rules neither index can find, ascending
+}
+
+// prefixIndex finds the rules whose destination CIDRs contain an address:
+// one hash lookup per distinct prefix length, longest first. IPv4 keys are
+// packed into a uint64 (address << 8 | length), which hashes several times
+// faster than a netip.Prefix.
+type prefixIndex struct {
+	lengths4 []int
+	rules4   map[uint64][]int32 // key4 → rule indexes, ascending
+	lengths6 []int
+	rules6   map[netip.Prefix][]int32
+}
+
+func key4(a netip.Addr, bits int) uint64 {
+	b := a.As4()
+	v := uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])
+	if bits < 32 {
+		v &^= 1<<(32-bits) - 1
+	}
+	return uint64(v)<<8 | uint64(bits)
 }
 
 type rule struct {
@@ -67,16 +99,123 @@ func New(rules []configs.Rule, final string) (*Router, error) {
 		}
 		r.rules = append(r.rules, ru)
 	}
+	r.index()
 	return r, nil
 }
 
-// Match returns the outbound for m and the index of the rule that matched,
-// or -1 when none did and the final outbound applies.
-func (r *Router) Match(m Metadata) (outbound string, ruleIndex int) {
+func (r *Router) index() {
+	r.byDomain = make(map[string][]int32)
+	r.byPrefix.rules4 = make(map[uint64][]int32)
+	r.byPrefix.rules6 = make(map[netip.Prefix][]int32)
+	seen4, seen6 := map[int]bool{}, map[int]bool{}
 	for i := range r.rules {
-		if r.rules[i].match(&m) {
-			return r.rules[i].outbound, i
+		ru := &r.rules[i]
+		idx := int32(i)
+		switch {
+		case ru.hasDomainCondition() && len(ru.keywords) == 0 && len(ru.regexps) == 0:
+			// Only exact names and suffixes: the name index finds it.
+			// A suffix is matched against every label suffix of the
+			// flow's domain (which covers the name itself); exact names
+			// carry a marker so they only match the whole domain.
+			for d := range ru.domains {
+				addIndex(r.byDomain, exactKey(d), idx)
+			}
+			for _, sfx := range ru.suffixes {
+				addIndex(r.byDomain, sfx, idx)
+			}
+		case !ru.hasDomainCondition() && len(ru.dst) > 0:
+			for _, p := range ru.dst {
+				if a := p.Addr().Unmap(); a.Is4() {
+					bits := min(p.Bits(), 32)
+					k := key4(a, bits)
+					r.byPrefix.rules4[k] = appendOnce(r.byPrefix.rules4[k], idx)
+					if !seen4[bits] {
+						seen4[bits] = true
+						r.byPrefix.lengths4 = append(r.byPrefix.lengths4, bits)
+					}
+				} else {
+					p = p.Masked()
+					r.byPrefix.rules6[p] = appendOnce(r.byPrefix.rules6[p], idx)
+					if !seen6[p.Bits()] {
+						seen6[p.Bits()] = true
+						r.byPrefix.lengths6 = append(r.byPrefix.lengths6, p.Bits())
+					}
+				}
+			}
+		default:
+			r.scanned = append(r.scanned, idx)
 		}
+	}
+	slices.Sort(r.byPrefix.lengths4)
+	slices.Reverse(r.byPrefix.lengths4)
+	slices.Sort(r.byPrefix.lengths6)
+	slices.Reverse(r.byPrefix.lengths6)
+}
+
+func addIndex(m map[string][]int32, key string, idx int32) {
+	m[key] = appendOnce(m[key], idx)
+}
+
+// appendOnce appends idx unless it is already last; indexes arrive in
+// ascending order, so the lists stay sorted and free of duplicates.
+func appendOnce(list []int32, idx int32) []int32 {
+	if n := len(list); n > 0 && list[n-1] == idx {
+		return list
+	}
+	return append(list, idx)
+}
+
+// exactKey marks an exact-name entry so that it does not act as a suffix.
+// A domain name cannot contain a space.
+func exactKey(d string) string { return " " + d }
+
+// Match returns the outbound for m and the index of the rule that matched,
+// or -1 when none did and the final outbound applies. It does not allocate.
+func (r *Router) Match(m Metadata) (outbound string, ruleIndex int) {
+	best := int32(len(r.rules))
+	try := func(list []int32) {
+		for _, i := range list {
+			if i >= best {
+				return
+			}
+			if r.rules[i].match(&m) {
+				best = i
+				return
+			}
+		}
+	}
+	if d := m.Domain; d != "" {
+		if list, ok := r.byDomain[exactKey(d)]; ok {
+			try(list)
+		}
+		for {
+			if list, ok := r.byDomain[d]; ok {
+				try(list)
+			}
+			dot := strings.IndexByte(d, '.')
+			if dot < 0 {
+				break
+			}
+			d = d[dot+1:]
+		}
+	}
+	if a := m.Dst.Addr().Unmap(); a.Is4() {
+		for _, bits := range r.byPrefix.lengths4 {
+			if list, ok := r.byPrefix.rules4[key4(a, bits)]; ok {
+				try(list)
+			}
+		}
+	} else if a.Is6() {
+		for _, bits := range r.byPrefix.lengths6 {
+			p, _ := a.Prefix(bits)
+			if list, ok := r.byPrefix.rules6[p]; ok {
+				try(list)
+			}
+		}
+	}
+	try(r.scanned)
+	if int(best) < len(r.rules) {
+		return r.rules[best].outbound, int(best)
 	}
 	return r.final, -1
 }
