@@ -207,6 +207,7 @@ func (e *linkEndpoint) close() {
 		select {
 		case pkt := <-e.out:
 			pkt.DecRef()
+			e.settled.Add(1)
 		default:
 			return
 		}
@@ -217,6 +218,16 @@ func (e *linkEndpoint) close() {
 func (e *linkEndpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
 	n := 0
 	for _, pkt := range pkts.AsSlice() {
+		// Checked first: select picks at random among ready cases, and
+		// a packet queued after close would never be released.
+		select {
+		case <-e.done:
+			if n == 0 {
+				return 0, &tcpip.ErrClosedForSend{}
+			}
+			return n, nil
+		default:
+		}
 		select {
 		case e.out <- pkt.IncRef():
 			e.enqueued.Add(1)

@@ -65,9 +65,10 @@ type Stack struct {
 
 	closeOnce sync.Once
 
-	udpRefused atomic.Uint64
-	udpTooBig  atomic.Uint64
-	udpID      atomic.Uint32 // IPv4/IPv6 fragment identification
+	tcpAccepted atomic.Uint64 // gVisor counts only listener accepts
+	udpRefused  atomic.Uint64
+	udpTooBig   atomic.Uint64
+	udpID       atomic.Uint32 // IPv4/IPv6 fragment identification
 }
 
 // New builds the stack over dev and installs the TCP and UDP forwarders that
@@ -219,15 +220,17 @@ func (s *Stack) Stats() Stats {
 		PacketsIn:           s.link.packetsIn.Load(),
 		PacketsOut:          s.link.packetsOut.Load(),
 		SYNsDroppedInFlight: st.TCP.ForwardMaxInFlightDrop.Value(),
+		// Bad UDP is counted once, by the NIC; TCP segments that reach
+		// an endpoint are counted by TCP instead.
 		Malformed: s.link.badVersion.Load() + st.IP.MalformedPacketsReceived.Value() +
-			st.TCP.ChecksumErrors.Value() + st.UDP.ChecksumErrors.Value() + st.UDP.MalformedPacketsReceived.Value() +
+			st.NICs.MalformedL4RcvdPackets.Value() + st.TCP.ChecksumErrors.Value() +
 			st.TCP.InvalidSegmentsReceived.Value(),
 		TUNReadErrors:   s.link.readErrors.Load(),
 		TUNWriteErrors:  s.link.writeErrors.Load(),
 		UDPRefused:      s.udpRefused.Load(),
 		UDPReplyTooBig:  s.udpTooBig.Load(),
 		TCPResetsSent:   st.TCP.ResetsSent.Value(),
-		TCPEstablished:  st.TCP.PassiveConnectionOpenings.Value(),
+		TCPEstablished:  s.tcpAccepted.Load(),
 		TCPCurrentConns: st.TCP.CurrentConnected.Value(),
 	}
 }

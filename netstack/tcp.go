@@ -71,6 +71,7 @@ func (r *TCPRequest) Accept() (*TCPConn, error) {
 		return nil, &net.OpError{Op: "accept", Net: "tcp", Source: net.TCPAddrFromAddrPort(r.dst), Addr: net.TCPAddrFromAddrPort(r.src), Err: translate(err)}
 	}
 	r.req.Complete(false)
+	r.s.tcpAccepted.Add(1)
 	so := ep.SocketOptions()
 	// Nagle would hold back the small writes of interactive flows that
 	// the upstream side already sent promptly.
@@ -98,16 +99,19 @@ type TCPConn struct {
 	readDL, writeDL    atomic.Pointer[time.Time]
 	closed             chan struct{}
 	closeOnce          sync.Once
-	deadlineChanged    chan struct{}
+	// readDLChanged and writeDLChanged wake a blocked Read or Write so it
+	// re-reads its deadline; one each, so neither can take the other's.
+	readDLChanged, writeDLChanged chan struct{}
 }
 
 func newTCPConn(ep tcpip.Endpoint, wq *waiter.Queue, local, remote netip.AddrPort) *TCPConn {
 	c := &TCPConn{
 		ep: ep, wq: wq,
-		local:           net.TCPAddrFromAddrPort(local),
-		remote:          net.TCPAddrFromAddrPort(remote),
-		closed:          make(chan struct{}),
-		deadlineChanged: make(chan struct{}, 2),
+		local:          net.TCPAddrFromAddrPort(local),
+		remote:         net.TCPAddrFromAddrPort(remote),
+		closed:         make(chan struct{}),
+		readDLChanged:  make(chan struct{}, 1),
+		writeDLChanged: make(chan struct{}, 1),
 	}
 	c.readEntry, c.readReady = waiter.NewChannelEntry(waiter.ReadableEvents | waiter.EventHUp | waiter.EventErr)
 	c.wrEntry, c.wrReady = waiter.NewChannelEntry(waiter.WritableEvents | waiter.EventHUp | waiter.EventErr)
@@ -121,7 +125,7 @@ func (c *TCPConn) opErr(op string, err error) error {
 }
 
 // wait blocks until ready fires, the conn is closed or the deadline passes.
-func (c *TCPConn) wait(ready <-chan struct{}, dl *atomic.Pointer[time.Time]) error {
+func (c *TCPConn) wait(ready, dlChanged <-chan struct{}, dl *atomic.Pointer[time.Time]) error {
 	for {
 		var timeout <-chan time.Time
 		if t := dl.Load(); t != nil {
@@ -140,7 +144,7 @@ func (c *TCPConn) wait(ready <-chan struct{}, dl *atomic.Pointer[time.Time]) err
 			return net.ErrClosed
 		case <-timeout:
 			return os.ErrDeadlineExceeded
-		case <-c.deadlineChanged:
+		case <-dlChanged:
 			// Re-read the deadline.
 		}
 	}
@@ -150,6 +154,9 @@ func (c *TCPConn) wait(ready <-chan struct{}, dl *atomic.Pointer[time.Time]) err
 func (c *TCPConn) Read(b []byte) (int, error) {
 	c.readMu.Lock()
 	defer c.readMu.Unlock()
+	if c.isClosed() {
+		return 0, c.opErr("read", net.ErrClosed)
+	}
 	for {
 		w := tcpip.SliceWriter(b)
 		res, err := c.ep.Read(&w, tcpip.ReadOptions{})
@@ -163,7 +170,7 @@ func (c *TCPConn) Read(b []byte) (int, error) {
 			}
 			return 0, c.opErr("read", e)
 		}
-		if err := c.wait(c.readReady, &c.readDL); err != nil {
+		if err := c.wait(c.readReady, c.readDLChanged, &c.readDL); err != nil {
 			return 0, c.opErr("read", err)
 		}
 	}
@@ -173,6 +180,9 @@ func (c *TCPConn) Read(b []byte) (int, error) {
 func (c *TCPConn) Write(b []byte) (int, error) {
 	c.writeMu.Lock()
 	defer c.writeMu.Unlock()
+	if c.isClosed() {
+		return 0, c.opErr("write", net.ErrClosed)
+	}
 	var r bytes.Reader
 	r.Reset(b)
 	written := 0
@@ -185,7 +195,7 @@ func (c *TCPConn) Write(b []byte) (int, error) {
 		if _, ok := err.(*tcpip.ErrWouldBlock); !ok {
 			return written, c.opErr("write", translate(err))
 		}
-		if err := c.wait(c.wrReady, &c.writeDL); err != nil {
+		if err := c.wait(c.wrReady, c.writeDLChanged, &c.writeDL); err != nil {
 			return written, c.opErr("write", err)
 		}
 	}
@@ -232,24 +242,31 @@ func (c *TCPConn) SetDeadline(t time.Time) error {
 // SetReadDeadline implements net.Conn.SetReadDeadline.
 func (c *TCPConn) SetReadDeadline(t time.Time) error {
 	setDeadline(&c.readDL, t)
-	c.poke()
+	poke(c.readDLChanged)
 	return nil
 }
 
 // SetWriteDeadline implements net.Conn.SetWriteDeadline.
 func (c *TCPConn) SetWriteDeadline(t time.Time) error {
 	setDeadline(&c.writeDL, t)
-	c.poke()
+	poke(c.writeDLChanged)
 	return nil
 }
 
-// poke wakes a blocked Read or Write so it re-reads its deadline.
-func (c *TCPConn) poke() {
-	for range 2 {
-		select {
-		case c.deadlineChanged <- struct{}{}:
-		default:
-		}
+func (c *TCPConn) isClosed() bool {
+	select {
+	case <-c.closed:
+		return true
+	default:
+		return false
+	}
+}
+
+// poke wakes a blocked waiter, if any, without blocking.
+func poke(ch chan struct{}) {
+	select {
+	case ch <- struct{}{}:
+	default:
 	}
 }
 

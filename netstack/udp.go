@@ -56,11 +56,23 @@ const udpTTL = 64
 // datagram larger than the MTU is fragmented. It never blocks on the
 // network beyond the device's out-queue.
 func (s *Stack) WriteUDP(payload []byte, from, to netip.AddrPort) error {
+	// A dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d.
+	from = netip.AddrPortFrom(from.Addr().Unmap(), from.Port())
+	to = netip.AddrPortFrom(to.Addr().Unmap(), to.Port())
+	if !from.Addr().IsValid() || !to.Addr().IsValid() {
+		return fmt.Errorf("netstack: udp %s → %s: invalid address", from, to)
+	}
 	if from.Addr().Is4() != to.Addr().Is4() {
 		return fmt.Errorf("netstack: udp %s → %s: address families differ", from, to)
 	}
 	udpLen := header.UDPMinimumSize + len(payload)
-	if udpLen > 0xffff {
+	// IPv4 has no jumbograms: the reassembled packet, header included,
+	// must fit its 16-bit total length.
+	maxUDP := 0xffff
+	if from.Addr().Is4() {
+		maxUDP -= header.IPv4MinimumSize
+	}
+	if udpLen > maxUDP {
 		s.udpTooBig.Add(1)
 		return ErrTooBig
 	}
