@@ -13,7 +13,10 @@ E2E_PKGS      := ./e2e/...
 UNIT_PKGS     := $(shell $(GO) list ./... 2>/dev/null | grep -v -e /e2e)
 CROSS         := linux/amd64 linux/arm64 darwin/amd64 darwin/arm64
 
-.PHONY: all build run deps test unit e2e lint cross bench clean
+# How long each native fuzzer runs in `make fuzz` (part of `make test`).
+FUZZTIME      ?= 60s
+
+.PHONY: all build run deps test unit e2e fuzz lint cross bench clean
 
 all: build
 
@@ -37,7 +40,7 @@ deps:
 	$(GO) mod download
 	@test -x $(STATICCHECK) || $(GO) install honnef.co/go/tools/cmd/staticcheck@v0.8.2
 
-test: deps lint cross unit e2e
+test: deps lint cross unit e2e fuzz
 
 unit:
 	$(GO) test -race -count=1 $(UNIT_PKGS)
@@ -46,6 +49,18 @@ unit:
 e2e: build
 	TUNGATE_BIN=$(CURDIR)/$(BIN) TUNGATE_E2E_OFFLOAD=auto $(GO) test -count=1 -p 1 -timeout 15m -v $(E2E_PKGS)
 	TUNGATE_BIN=$(CURDIR)/$(BIN) TUNGATE_E2E_OFFLOAD=off $(GO) test -count=1 -p 1 -timeout 15m -v $(E2E_PKGS)
+
+# Every native fuzzer in the tree, each for FUZZTIME (a crash fails the run
+# and leaves its input in the package's testdata/fuzz). Minimizing is cut
+# to one try: a minimization still running when FUZZTIME ends is reported
+# by go test as a failure ("context deadline exceeded").
+fuzz:
+	@for pkg in $(UNIT_PKGS); do \
+		for f in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz'); do \
+			echo "fuzz $$pkg $$f for $(FUZZTIME)"; \
+			$(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) -fuzzminimizetime 1x $$pkg || exit 1; \
+		done; \
+	done
 
 lint:
 	@fmt=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$fmt" ]; then echo "gofmt needed:"; echo "$$fmt"; exit 1; fi
@@ -59,9 +74,11 @@ cross:
 		CGO_ENABLED=0 GOOS=$${t%/*} GOARCH=$${t#*/} $(GO) build -trimpath -o /dev/null ./cmd/tungate || exit 1; \
 	done
 
-# Go micro-benchmarks of the packet and rule code (never with -race).
-bench:
-	$(GO) test -run '^$$' -bench . -benchmem $(UNIT_PKGS)
+# The benchmark harness (bench/, never with -race): tungate and the kernel
+# path side by side in a namespace lab, as root; writes bench/results/latest.{md,json}.
+# TUNGATE_BENCH_OFFLOAD=off measures the plain TUN.
+bench: build
+	TUNGATE_BENCH=1 TUNGATE_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -run TestBench -v -timeout 20m ./bench
 
 clean:
 	rm -rf bin
