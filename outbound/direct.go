@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"sync"
 	"syscall"
 	"time"
 )
@@ -23,6 +24,19 @@ type DirectConfig struct {
 	// KeepAlive is the TCP keepalive period of upstream connections; 0 uses
 	// the Go default, negative disables it.
 	KeepAlive time.Duration
+	// Resolver, when set, turns placeholder (fake-ip) destinations that
+	// carry a domain into real addresses.
+	Resolver Resolver
+}
+
+// Resolver resolves the names behind placeholder addresses.
+type Resolver interface {
+	// IsFake reports whether addr is a placeholder that only stands for
+	// a name.
+	IsFake(addr netip.Addr) bool
+	// Resolve returns real addresses for name, of the family asked for
+	// first.
+	Resolve(ctx context.Context, name string, ipv6 bool) ([]netip.Addr, error)
 }
 
 // Direct dials upstreams from this host, bypassing the TUN.
@@ -54,14 +68,48 @@ func (d *Direct) Name() string { return d.cfg.Name }
 
 // DialTCP implements Dialer.
 func (d *Direct) DialTCP(ctx context.Context, dst Target) (TCPConn, error) {
-	c, err := d.dialer.DialContext(ctx, "tcp", dst.Addr.String())
+	addrs, err := d.realAddrs(ctx, dst)
 	if err != nil {
-		if errors.Is(err, syscall.ECONNREFUSED) {
-			err = refused{err}
-		}
-		return nil, fmt.Errorf("%s: dial %s: %w", d.cfg.Name, dst, err)
+		return nil, err
 	}
-	return directTCP{c.(*net.TCPConn)}, nil
+	for _, a := range addrs {
+		var c net.Conn
+		c, err = d.dialer.DialContext(ctx, "tcp", netip.AddrPortFrom(a, dst.Addr.Port()).String())
+		if err == nil {
+			return directTCP{c.(*net.TCPConn)}, nil
+		}
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	if errors.Is(err, syscall.ECONNREFUSED) {
+		err = refused{err}
+	}
+	return nil, fmt.Errorf("%s: dial %s: %w", d.cfg.Name, dst, err)
+}
+
+// realAddrs returns the addresses to dial for dst: its own, or, for a
+// placeholder, what its name resolves to.
+func (d *Direct) realAddrs(ctx context.Context, dst Target) ([]netip.Addr, error) {
+	a := dst.Addr.Addr()
+	if !d.isFake(a) {
+		return []netip.Addr{a}, nil
+	}
+	if dst.Domain == "" {
+		return nil, fmt.Errorf("%s: %s is a fake-ip address with no name behind it (mapping lost?)", d.cfg.Name, dst)
+	}
+	addrs, err := d.cfg.Resolver.Resolve(ctx, dst.Domain, a.Is6())
+	if err != nil {
+		return nil, fmt.Errorf("%s: resolve %s: %w", d.cfg.Name, dst.Domain, err)
+	}
+	if len(addrs) == 0 {
+		return nil, fmt.Errorf("%s: resolve %s: no addresses", d.cfg.Name, dst.Domain)
+	}
+	return addrs, nil
+}
+
+func (d *Direct) isFake(a netip.Addr) bool {
+	return d.cfg.Resolver != nil && d.cfg.Resolver.IsFake(a)
 }
 
 // ListenUDP implements Dialer.
@@ -69,6 +117,16 @@ func (d *Direct) ListenUDP(ctx context.Context, first Target) (PacketConn, error
 	network, local := "udp4", "0.0.0.0:0"
 	if first.Addr.Addr().Is6() {
 		network, local = "udp6", "[::]:0"
+	}
+	// The first destination's name is resolved here, off the packet path,
+	// so that a session to one fake-ip destination never drops a datagram.
+	var firstReal netip.Addr
+	if d.isFake(first.Addr.Addr()) {
+		addrs, err := d.realAddrs(ctx, first)
+		if err != nil {
+			return nil, err
+		}
+		firstReal = addrs[0]
 	}
 	pc, err := d.listen.ListenPacket(ctx, network, local)
 	if err != nil {
@@ -80,7 +138,11 @@ func (d *Direct) ListenUDP(ctx context.Context, first Target) (PacketConn, error
 		c.Close()
 		return nil, fmt.Errorf("%s: udp socket for %s: %w", d.cfg.Name, first, err)
 	}
-	return &directUDP{conn: c, raw: raw, v6: network == "udp6"}, nil
+	u := &directUDP{d: d, conn: c, raw: raw, v6: network == "udp6"}
+	if firstReal.IsValid() {
+		u.mapFake(first.Addr.Addr(), firstReal)
+	}
+	return u, nil
 }
 
 // refused marks an upstream refusal while keeping the original error.
@@ -99,15 +161,44 @@ func (c directTCP) Abort() error {
 }
 
 type directUDP struct {
+	d    *Direct
 	conn *net.UDPConn
 	raw  syscall.RawConn
 	v6   bool
+
+	// For fake-ip destinations: placeholder → real address, and back, so
+	// that replies reach the app from the address it sent to.
+	mu        sync.Mutex
+	toReal    map[netip.Addr]netip.Addr
+	toFake    map[netip.Addr]netip.Addr
+	resolving map[netip.Addr]bool
+}
+
+func (u *directUDP) mapFake(fake, realAddr netip.Addr) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.toReal == nil {
+		u.toReal = make(map[netip.Addr]netip.Addr)
+		u.toFake = make(map[netip.Addr]netip.Addr)
+	}
+	u.toReal[fake] = realAddr
+	u.toFake[realAddr] = fake
 }
 
 func (u *directUDP) ReadPacket(b []byte) (int, netip.AddrPort, error) {
 	n, from, err := u.conn.ReadFromUDPAddrPort(b)
-	return n, netip.AddrPortFrom(from.Addr().Unmap(), from.Port()), err
+	a := from.Addr().Unmap()
+	u.mu.Lock()
+	if fake, ok := u.toFake[a]; ok {
+		a = fake
+	}
+	u.mu.Unlock()
+	return n, netip.AddrPortFrom(a, from.Port()), err
 }
+
+// errResolving is returned for a datagram to a placeholder whose name is
+// still being resolved: it is dropped, as a datagram may be.
+var errResolving = errors.New("fake-ip destination still resolving; datagram dropped")
 
 // WritePacket sends without ever parking the caller: when the socket buffer
 // is full the datagram is dropped and the error says so, as a kernel would.
@@ -115,15 +206,51 @@ func (u *directUDP) WritePacket(b []byte, dst Target) error {
 	if dst.Addr.Addr().Is6() != u.v6 {
 		return fmt.Errorf("udp to %s: address family differs from the session's", dst)
 	}
+	to := dst.Addr
+	if a := to.Addr(); u.d.isFake(a) {
+		u.mu.Lock()
+		realAddr, ok := u.toReal[a]
+		start := !ok && !u.resolving[a]
+		if start {
+			if u.resolving == nil {
+				u.resolving = make(map[netip.Addr]bool)
+			}
+			u.resolving[a] = true
+		}
+		u.mu.Unlock()
+		if !ok {
+			if start {
+				go u.resolve(dst)
+			}
+			return errResolving
+		}
+		to = netip.AddrPortFrom(realAddr, to.Port())
+	}
 	var serr error
 	err := u.raw.Write(func(fd uintptr) bool {
-		serr = sendtoNoWait(fd, b, dst.Addr)
+		serr = sendtoNoWait(fd, b, to)
 		return true
 	})
 	if err != nil {
 		return err
 	}
 	return serr
+}
+
+// resolve maps a placeholder destination in the background; the datagrams
+// that follow it go out once it is known.
+func (u *directUDP) resolve(dst Target) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	addrs, err := u.d.realAddrs(ctx, dst)
+	u.mu.Lock()
+	delete(u.resolving, dst.Addr.Addr())
+	u.mu.Unlock()
+	if err != nil {
+		u.d.log.Debug("udp: resolving fake-ip destination", "dst", dst, "err", err)
+		return
+	}
+	u.mapFake(dst.Addr.Addr(), addrs[0])
 }
 
 func (u *directUDP) Close() error { return u.conn.Close() }
