@@ -16,6 +16,7 @@ import (
 
 	"github.com/tungate/tungate/api"
 	"github.com/tungate/tungate/configs"
+	"github.com/tungate/tungate/dnsproxy"
 	"github.com/tungate/tungate/forwarder"
 	"github.com/tungate/tungate/netstack"
 	"github.com/tungate/tungate/outbound"
@@ -48,6 +49,7 @@ type gateway struct {
 	stack  *netstack.Stack
 	tcp    *forwarder.TCP
 	udp    *forwarder.UDPTable
+	dns    *dnsproxy.Proxy
 	api    *api.Server
 	closed bool
 }
@@ -70,7 +72,7 @@ func run(ctx context.Context, cfg *configs.Config) error {
 	return nil
 }
 
-func buildOutbounds(cfg *configs.Config, log *slog.Logger) (map[string]outbound.Dialer, error) {
+func buildOutbounds(cfg *configs.Config, resolver outbound.Resolver, log *slog.Logger) (map[string]outbound.Dialer, error) {
 	dialers := make(map[string]outbound.Dialer, len(cfg.Outbounds))
 	for i, o := range cfg.Outbounds {
 		var (
@@ -81,6 +83,7 @@ func buildOutbounds(cfg *configs.Config, log *slog.Logger) (map[string]outbound.
 		case configs.OutboundDirect:
 			d, err = outbound.NewDirect(outbound.DirectConfig{
 				Name: o.Name, Interface: o.Interface, FWMark: o.FWMark, KeepAlive: cfg.Stack.TCP.Keepalive,
+				Resolver: resolver,
 			}, log.With("outbound", o.Name))
 		case configs.OutboundReject:
 			d = outbound.NewReject(o.Name)
@@ -96,18 +99,14 @@ func buildOutbounds(cfg *configs.Config, log *slog.Logger) (map[string]outbound.
 }
 
 func start(cfg *configs.Config, log *slog.Logger) (g *gateway, err error) {
-	dialers, err := buildOutbounds(cfg, log)
+	var resolver lateResolver
+	dialers, err := buildOutbounds(cfg, &resolver, log)
 	if err != nil {
 		return nil, err
 	}
 	rt, err := router.New(cfg.Rules, cfg.FinalOutbound())
 	if err != nil {
 		return nil, err
-	}
-	route := func(f *forwarder.Flow) outbound.Dialer {
-		name, idx := rt.Match(router.Metadata{Network: f.Network, Src: f.Src, Dst: f.Dst, Domain: f.Domain})
-		log.Debug("route", "network", f.Network, "src", f.Src, "dst", f.Dst, "rule", idx, "outbound", name)
-		return dialers[name]
 	}
 
 	g = &gateway{log: log}
@@ -116,6 +115,34 @@ func start(cfg *configs.Config, log *slog.Logger) (g *gateway, err error) {
 			g.close()
 		}
 	}()
+
+	var hj *hijack
+	if cfg.DNS.Enabled {
+		if hj, err = newHijack(cfg.DNS); err != nil {
+			return g, err
+		}
+		if g.dns, err = newDNSProxy(cfg, dialers[cfg.DNSOutbound()], log.With("component", "dns")); err != nil {
+			return g, err
+		}
+		resolver.p.Store(g.dns)
+	}
+
+	route := func(f *forwarder.Flow) outbound.Dialer {
+		if g.dns != nil {
+			if name, ok := g.dns.Domain(f.Dst.Addr()); ok {
+				f.Domain = name
+			}
+			if a := f.Dst.Addr(); g.dns.IsFake(a) {
+				// A live flow keeps its fake address from being
+				// recycled to another name.
+				g.dns.Pin(a)
+				f.Release = func() { g.dns.Unpin(a) }
+			}
+		}
+		name, idx := rt.Match(router.Metadata{Network: f.Network, Src: f.Src, Dst: f.Dst, Domain: f.Domain})
+		log.Debug("route", "network", f.Network, "src", f.Src, "dst", f.Dst, "domain", f.Domain, "rule", idx, "outbound", name)
+		return dialers[name]
+	}
 
 	g.tcp, err = forwarder.NewTCP(forwarder.TCPConfig{
 		DialTimeout: cfg.Stack.TCP.DialTimeout,
@@ -129,6 +156,7 @@ func start(cfg *configs.Config, log *slog.Logger) (g *gateway, err error) {
 		DNSIdleTimeout: cfg.Stack.UDP.DNSIdleTimeout,
 		MaxSessions:    cfg.Stack.UDP.MaxSessions,
 		Symmetric:      cfg.Stack.UDP.NAT == "symmetric",
+		Names:          g.names,
 	}, route, func(p []byte, from, to netip.AddrPort) error {
 		return g.stack.WriteUDP(p, from, to)
 	}, log.With("component", "udp"))
@@ -146,7 +174,7 @@ func start(cfg *configs.Config, log *slog.Logger) (g *gateway, err error) {
 	if err != nil {
 		return g, err
 	}
-	g.stack, err = netstack.New(g.dev, flowHandler{tcp: g.tcp, udp: g.udp}, netstack.Config{
+	g.stack, err = netstack.New(g.dev, &flowHandler{g: g, hijack: hj}, netstack.Config{
 		MTU:         g.dev.MTU(),
 		Headroom:    tun.Offset,
 		MaxInFlight: cfg.Stack.TCP.MaxInFlight,
@@ -178,7 +206,7 @@ func start(cfg *configs.Config, log *slog.Logger) (g *gateway, err error) {
 		log.Warn("route.auto: auto-route is not available yet; route traffic into the TUN yourself", "tun", g.dev.Name())
 	}
 	if cfg.DNS.Enabled {
-		log.Warn("dns: the DNS proxy is not available yet; port-53 flows are relayed like any other flow")
+		log.Info("dns proxy running", "mode", cfg.DNS.Mode, "listen", cfg.DNS.Listen, "hijack", strings.Join(cfg.DNS.Hijack, ","), "outbound", cfg.DNSOutbound())
 	}
 	return g, nil
 }
@@ -207,6 +235,9 @@ func (g *gateway) close() {
 	if g.udp != nil {
 		g.udp.Close()
 	}
+	if g.dns != nil {
+		g.dns.Close()
+	}
 	select {
 	case <-tcpClosed:
 	case <-time.After(shutdownHandshakeWait):
@@ -229,16 +260,65 @@ func (g *gateway) close() {
 	}
 }
 
-// flowHandler hands the netstack's flows to the forwarders.
-type flowHandler struct {
-	tcp *forwarder.TCP
-	udp *forwarder.UDPTable
+// names gives the domain behind an address, for UDP datagrams to more
+// than one destination.
+func (g *gateway) names(a netip.Addr) (string, bool) {
+	if g.dns == nil {
+		return "", false
+	}
+	return g.dns.Domain(a)
 }
 
-func (h flowHandler) HandleTCP(r *netstack.TCPRequest) { h.tcp.Handle(tcpFlow{r}) }
+func newDNSProxy(cfg *configs.Config, dialer outbound.Dialer, log *slog.Logger) (*dnsproxy.Proxy, error) {
+	upstreams := cfg.DNS.Upstreams
+	if len(upstreams) == 0 {
+		var err error
+		if upstreams, err = systemUpstreams(cfg); err != nil {
+			return nil, err
+		}
+	}
+	return dnsproxy.New(dnsproxy.Config{
+		Mode:        cfg.DNS.Mode,
+		Upstreams:   upstreams,
+		CacheSize:   cfg.DNS.Cache.Size,
+		FakeRange4:  cfg.DNS.FakeIP.Range4,
+		FakeRange6:  cfg.DNS.FakeIP.Range6,
+		FakeTTL:     cfg.DNS.FakeIP.TTL,
+		FakeExclude: cfg.DNS.FakeIP.Exclude,
+		Store:       cfg.DNS.FakeIP.Store,
+	}, dialer, log)
+}
 
-func (h flowHandler) HandleUDP(src, dst netip.AddrPort, payload []byte) bool {
-	return h.udp.Handle(src, dst, payload)
+// flowHandler hands the netstack's flows to the DNS proxy (hijacked port-53
+// traffic) or to the forwarders (everything else).
+type flowHandler struct {
+	g      *gateway
+	hijack *hijack
+}
+
+func (h *flowHandler) HandleTCP(r *netstack.TCPRequest) {
+	if h.hijack.match(r.Dst()) {
+		conn, err := r.Accept()
+		if err != nil {
+			return
+		}
+		h.g.dns.ServeTCP(conn)
+		return
+	}
+	h.g.tcp.Handle(tcpFlow{r})
+}
+
+func (h *flowHandler) HandleUDP(src, dst netip.AddrPort, payload []byte) bool {
+	if h.hijack.match(dst) {
+		stack := h.g.stack
+		h.g.dns.HandleUDP(payload, func(answer []byte) {
+			if err := stack.WriteUDP(answer, dst, src); err != nil {
+				h.g.log.Debug("dns reply", "to", src, "err", err)
+			}
+		})
+		return true
+	}
+	return h.g.udp.Handle(src, dst, payload)
 }
 
 type tcpFlow struct{ *netstack.TCPRequest }

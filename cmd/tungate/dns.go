@@ -1,0 +1,96 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"strconv"
+	"strings"
+	"sync/atomic"
+
+	"github.com/tungate/tungate/configs"
+	"github.com/tungate/tungate/dnsproxy"
+)
+
+// hijack decides which flows dnsproxy answers: port-53 traffic to the
+// configured addresses ("any" matches every address) and to dns.listen.
+type hijack struct {
+	anyPorts map[uint16]bool
+	exact    map[netip.AddrPort]bool
+}
+
+func newHijack(cfg configs.DNS) (*hijack, error) {
+	h := &hijack{anyPorts: map[uint16]bool{}, exact: map[netip.AddrPort]bool{}}
+	for i, s := range cfg.Hijack {
+		host, portStr, ok := strings.Cut(s, ":")
+		if ok && host == "any" {
+			port, err := strconv.ParseUint(portStr, 10, 16)
+			if err != nil {
+				return nil, fmt.Errorf("dns.hijack[%d]: bad port in %q", i, s)
+			}
+			h.anyPorts[uint16(port)] = true
+			continue
+		}
+		ap, err := netip.ParseAddrPort(s)
+		if err != nil {
+			return nil, fmt.Errorf("dns.hijack[%d]: %q: %w", i, s, err)
+		}
+		h.exact[ap] = true
+	}
+	if cfg.Listen.IsValid() {
+		h.exact[netip.AddrPortFrom(cfg.Listen, 53)] = true
+	}
+	return h, nil
+}
+
+func (h *hijack) match(dst netip.AddrPort) bool {
+	if h == nil {
+		return false
+	}
+	return h.anyPorts[dst.Port()] || h.exact[netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())]
+}
+
+// systemUpstreams reads the system resolvers for the default "no upstreams"
+// case, leaving out tungate's own addresses: once the system resolver points
+// at dns.listen, asking it would be asking ourselves.
+func systemUpstreams(cfg *configs.Config) ([]string, error) {
+	ups, err := dnsproxy.SystemUpstreams("/etc/resolv.conf")
+	if err != nil {
+		return nil, err
+	}
+	own := map[netip.Addr]bool{cfg.DNS.Listen: true}
+	for _, p := range cfg.Tun.Address {
+		own[p.Addr()] = true
+	}
+	var out []string
+	for _, u := range ups {
+		up, err := dnsproxy.ParseUpstream(u)
+		if err == nil && own[up.Addr.Addr()] {
+			continue
+		}
+		out = append(out, u)
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("dns: the system's only resolvers are tungate's own addresses; set dns.upstreams")
+	}
+	return out, nil
+}
+
+// lateResolver lets outbounds built before the DNS proxy (which needs one
+// of them to reach its upstreams) resolve fake-ip names through it.
+type lateResolver struct {
+	p atomic.Pointer[dnsproxy.Proxy]
+}
+
+func (r *lateResolver) IsFake(a netip.Addr) bool {
+	p := r.p.Load()
+	return p != nil && p.IsFake(a)
+}
+
+func (r *lateResolver) Resolve(ctx context.Context, name string, ipv6 bool) ([]netip.Addr, error) {
+	p := r.p.Load()
+	if p == nil {
+		return nil, fmt.Errorf("dns proxy not running")
+	}
+	return p.Resolve(ctx, name, ipv6)
+}
