@@ -235,3 +235,27 @@ func (n *NS) WaitLink(t testing.TB, name string, up bool, timeout time.Duration)
 		time.Sleep(pollInterval)
 	}
 }
+
+// WaitLinkGone polls until the named link no longer exists inside n.
+func (n *NS) WaitLinkGone(t testing.TB, name string, timeout time.Duration) {
+	t.Helper()
+	h, err := n.handle()
+	if err != nil {
+		t.Fatalf("netlab: %v", err)
+	}
+	deadline := time.Now().Add(timeout)
+	for {
+		_, err := h.LinkByName(name)
+		var notFound netlink.LinkNotFoundError
+		if errors.As(err, &notFound) {
+			return
+		}
+		if err != nil {
+			t.Fatalf("netlab: netns %s: link %s: %v", n.Name, name, err)
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("netlab: netns %s: link %s still there after %v", n.Name, name, timeout)
+		}
+		time.Sleep(pollInterval)
+	}
+}
