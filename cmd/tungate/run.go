@@ -277,9 +277,18 @@ func newDNSProxy(cfg *configs.Config, dialer outbound.Dialer, log *slog.Logger) 
 			return nil, err
 		}
 	}
+	// Upstreams given by name (tls://dns.example) are resolved once through
+	// the plain-UDP upstreams given by address.
+	var bootstrap []netip.AddrPort
+	for _, u := range upstreams {
+		if up, err := dnsproxy.ParseUpstream(u); err == nil && up.Scheme == dnsproxy.SchemeUDP && up.Addr.IsValid() {
+			bootstrap = append(bootstrap, up.Addr)
+		}
+	}
 	return dnsproxy.New(dnsproxy.Config{
 		Mode:        cfg.DNS.Mode,
 		Upstreams:   upstreams,
+		Bootstrap:   bootstrap,
 		CacheSize:   cfg.DNS.Cache.Size,
 		FakeRange4:  cfg.DNS.FakeIP.Range4,
 		FakeRange6:  cfg.DNS.FakeIP.Range6,
