@@ -202,8 +202,8 @@ func start(cfg *configs.Config, log *slog.Logger) (g *gateway, err error) {
 		names = append(names, o.Name+"("+o.Type+")")
 	}
 	log.Info("tungate running", "tun", g.dev.Name(), "outbounds", strings.Join(names, ","), "final", cfg.FinalOutbound(), "rules", len(cfg.Rules))
-	if cfg.Route.Auto {
-		log.Warn("route.auto: auto-route is not available yet; route traffic into the TUN yourself", "tun", g.dev.Name())
+	if err = g.installRoutes(cfg); err != nil {
+		return g, err
 	}
 	if cfg.DNS.Enabled {
 		log.Info("dns proxy running", "mode", cfg.DNS.Mode, "listen", cfg.DNS.Listen, "hijack", strings.Join(cfg.DNS.Hijack, ","), "outbound", cfg.DNSOutbound())
@@ -222,6 +222,8 @@ func (g *gateway) close() {
 		return
 	}
 	g.closed = true
+	// Routes go first, so that no new traffic enters the TUN.
+	g.removeRoutes()
 	if g.stack != nil {
 		g.stack.StopAccepting()
 	}
