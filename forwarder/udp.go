@@ -70,8 +70,11 @@ type UDPTable struct {
 // UDPStats counts UDP mappings and datagrams since NewUDPTable.
 type UDPStats struct {
 	Opened, Expired, Failed, RefusedOverCap atomic.Uint64
-	Active                                  atomic.Int64
-	PacketsUp, PacketsDown, Dropped         atomic.Uint64
+	// RefusedByOutbound counts datagrams refused because their outbound
+	// carries no UDP (reject, http).
+	RefusedByOutbound               atomic.Uint64
+	Active                          atomic.Int64
+	PacketsUp, PacketsDown, Dropped atomic.Uint64
 }
 
 type udpKey struct {
@@ -115,8 +118,8 @@ func (t *UDPTable) Len() int {
 // Handle takes one datagram from the app. It never blocks on an upstream:
 // a new mapping opens its upstream session in the background and holds
 // the first datagrams until it is ready. It returns false when the
-// datagram is refused by a reject outbound (the app should get ICMP port
-// unreachable).
+// datagram is refused because its outbound carries no UDP (the app should
+// get ICMP port unreachable).
 func (t *UDPTable) Handle(src, dst netip.AddrPort, payload []byte) bool {
 	key := udpKey{src: src}
 	if t.cfg.Symmetric {
@@ -136,11 +139,12 @@ func (t *UDPTable) Handle(src, dst netip.AddrPort, payload []byte) bool {
 		}
 		flow := Flow{Network: "udp", Src: src, Dst: dst}
 		d := t.route(&flow)
-		if _, ok := d.(*outbound.Reject); ok {
+		if c, ok := d.(outbound.UDPCarrier); ok && !c.CarriesUDP() {
 			t.mu.Unlock()
 			if flow.Release != nil {
 				flow.Release()
 			}
+			t.stats.RefusedByOutbound.Add(1)
 			return false
 		}
 		idle := t.cfg.IdleTimeout

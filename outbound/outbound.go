@@ -61,6 +61,14 @@ type PacketConn interface {
 	Close() error
 }
 
+// UDPCarrier is implemented by outbounds that can say up front whether
+// they carry UDP at all (reject, an HTTP proxy, SOCKS5 with udp: false),
+// so that a datagram routed to one is refused at once, with ICMP port
+// unreachable, instead of opening a session that can only fail.
+type UDPCarrier interface {
+	CarriesUDP() bool
+}
+
 // ErrRefused marks a dial that the upstream (or a reject outbound) refused,
 // as opposed to one that timed out or could not route.
 var ErrRefused = errors.New("connection refused")

@@ -27,3 +27,6 @@ func (r *Reject) DialTCP(_ context.Context, dst Target) (TCPConn, error) {
 func (r *Reject) ListenUDP(_ context.Context, first Target) (PacketConn, error) {
 	return nil, fmt.Errorf("%s: %s: rejected by rule: %w", r.name, first, ErrRefused)
 }
+
+// CarriesUDP implements UDPCarrier: a reject outbound refuses every datagram.
+func (r *Reject) CarriesUDP() bool { return false }

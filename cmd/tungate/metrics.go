@@ -43,6 +43,7 @@ func registerMetrics(reg *prometheus.Registry, g *gateway) {
 	counter("udp_sessions_expired_total", "UDP mappings removed after their idle timeout.", func() float64 { return float64(udp.Expired.Load()) })
 	counter("udp_sessions_failed_total", "UDP mappings whose upstream session failed to open.", func() float64 { return float64(udp.Failed.Load()) })
 	counter("udp_sessions_refused_total", "UDP mappings refused over stack.udp.max_sessions.", func() float64 { return float64(udp.RefusedOverCap.Load()) })
+	counter("udp_refused_by_outbound_total", "UDP datagrams refused because their outbound carries no UDP (reject, http).", func() float64 { return float64(udp.RefusedByOutbound.Load()) })
 	gauge("udp_sessions_active", "UDP mappings live now.", func() float64 { return float64(udp.Active.Load()) })
 	counter("udp_packets_up_total", "UDP datagrams sent upstream.", func() float64 { return float64(udp.PacketsUp.Load()) })
 	counter("udp_packets_down_total", "UDP datagrams delivered to apps.", func() float64 { return float64(udp.PacketsDown.Load()) })

@@ -20,9 +20,15 @@ import (
 	"github.com/tungate/tungate/forwarder"
 	"github.com/tungate/tungate/netstack"
 	"github.com/tungate/tungate/outbound"
+	"github.com/tungate/tungate/outbound/httpconnect"
+	"github.com/tungate/tungate/outbound/socks5"
 	"github.com/tungate/tungate/router"
 	"github.com/tungate/tungate/tun"
 )
+
+// defaultFWMark marks proxy connections when no direct outbound says
+// otherwise; it matches the direct outbound's default.
+const defaultFWMark = 0x2e7
 
 // shutdownFlush is how long queued packets (the RSTs of aborted flows) get
 // to reach the app before the device closes.
@@ -74,12 +80,30 @@ func run(ctx context.Context, cfg *configs.Config) error {
 
 func buildOutbounds(cfg *configs.Config, resolver outbound.Resolver, log *slog.Logger) (map[string]outbound.Dialer, error) {
 	dialers := make(map[string]outbound.Dialer, len(cfg.Outbounds))
+	// Proxies are reached the way the direct outbound reaches the
+	// Internet: marked (and bound) so their traffic never re-enters the
+	// TUN.
+	baseCfg := outbound.DirectConfig{Name: "proxy-transport", FWMark: defaultFWMark, KeepAlive: cfg.Stack.TCP.Keepalive}
+	for _, o := range cfg.Outbounds {
+		if o.Type == configs.OutboundDirect {
+			baseCfg.FWMark, baseCfg.Interface = o.FWMark, o.Interface
+			break
+		}
+	}
+	base, err := outbound.NewDirect(baseCfg, log.With("outbound", baseCfg.Name))
+	if err != nil {
+		return nil, err
+	}
 	for i, o := range cfg.Outbounds {
 		var (
 			d   outbound.Dialer
 			err error
 		)
 		switch o.Type {
+		case configs.OutboundSOCKS5:
+			d, err = socks5.New(socks5.Config{Name: o.Name, Address: o.Address, Username: o.Username, Password: o.Password, UDP: o.UDP}, base, log.With("outbound", o.Name))
+		case configs.OutboundHTTP:
+			d, err = httpconnect.New(httpconnect.Config{Name: o.Name, Address: o.Address, Username: o.Username, Password: o.Password}, base, log.With("outbound", o.Name))
 		case configs.OutboundDirect:
 			d, err = outbound.NewDirect(outbound.DirectConfig{
 				Name: o.Name, Interface: o.Interface, FWMark: o.FWMark, KeepAlive: cfg.Stack.TCP.Keepalive,
