@@ -30,7 +30,7 @@ func TestCheck(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			path := filepath.Join(dir, strings.ReplaceAll(tc.name, " ", "-")+".yaml")
 			os.WriteFile(path, []byte(tc.yaml), 0o600)
-			out, err := exec.Command(binary, "check", "--config", path).CombinedOutput()
+			out, err := exec.Command(tungateBin, "check", "--config", path).CombinedOutput()
 			if tc.ok != (err == nil) {
 				t.Fatalf("tungate check: err=%v, want ok=%v\n%s", err, tc.ok, out)
 			}
@@ -41,7 +41,7 @@ func TestCheck(t *testing.T) {
 			}
 		})
 	}
-	out, err := exec.Command(binary, "version").CombinedOutput()
+	out, err := exec.Command(tungateBin, "version").CombinedOutput()
 	if err != nil || !strings.HasPrefix(string(out), "tungate ") {
 		t.Errorf("tungate version: %q, %v", out, err)
 	}
@@ -51,7 +51,7 @@ func TestCheck(t *testing.T) {
 // default — in a lab namespace, and stops it.
 func TestRunDefault(t *testing.T) {
 	lab := netlab.New(t)
-	p := lab.App.Start(t, binary, "run")
+	p := lab.App.Start(t, tungateBin, "run")
 	lab.App.WaitLink(t, "tungate0", true, startWait)
 	addrs := lab.App.MustRun(t, "ip", "-o", "addr", "show", "dev", "tungate0")
 	for _, want := range []string{"172.19.0.1/30", "fdfe:dcba:9876::1/126"} {

@@ -25,22 +25,22 @@ import (
 	"github.com/tungate/tungate/internal/netlab"
 )
 
-// binary is the tungate binary under test: $TUNGATE_BIN, or built once by
+// tungateBin is the tungate binary under test: $TUNGATE_BIN, or built once by
 // TestMain.
-var binary string
+var tungateBin string
 
 func TestMain(m *testing.M) {
 	code := func() int {
-		binary = os.Getenv("TUNGATE_BIN")
-		if binary == "" {
+		tungateBin = os.Getenv("TUNGATE_BIN")
+		if tungateBin == "" {
 			dir, err := os.MkdirTemp("", "tungate-e2e")
 			if err != nil {
 				fmt.Fprintln(os.Stderr, err)
 				return 1
 			}
 			defer os.RemoveAll(dir)
-			binary = filepath.Join(dir, "tungate")
-			out, err := exec.Command("go", "build", "-o", binary, "../cmd/tungate").CombinedOutput()
+			tungateBin = filepath.Join(dir, "tungate")
+			out, err := exec.Command("go", "build", "-o", tungateBin, "../cmd/tungate").CombinedOutput()
 			if err != nil {
 				fmt.Fprintf(os.Stderr, "building tungate: %v\n%s", err, out)
 				return 1
@@ -105,7 +105,7 @@ func startGateway(t testing.TB, lab *netlab.Lab, cfg map[string]any) *gateway {
 		t.Fatal(err)
 	}
 	g := &gateway{t: t, lab: lab}
-	g.proc = lab.App.Start(t, binary, "run", "--config", path)
+	g.proc = lab.App.Start(t, tungateBin, "run", "--config", path)
 	lab.App.WaitLink(t, tunName, true, startWait)
 	g.routeIntoTUN()
 	g.http = &http.Client{

@@ -5,6 +5,7 @@ package e2e
 import (
 	"bytes"
 	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -40,9 +41,11 @@ func hashOf(r io.Reader) ([32]byte, int64) {
 	return [32]byte(h.Sum(nil)), n
 }
 
-// bulkServer serves two kinds of connection on one listener, told apart by
-// the first byte: 'U' (upload) reads to EOF and answers with the SHA-256 of
-// what it read; 'D' (download) sends the 64 MiB stream and closes.
+// bulkServer serves three kinds of connection on one listener, told apart
+// by the first byte: 'U' (upload) reads to EOF and answers with the SHA-256
+// of what it read; 'L' reads an 8-byte length and that many bytes, then
+// answers with their SHA-256; 'D' (download) sends the 64 MiB stream and
+// closes.
 func bulkServer(t *testing.T, ns *netlab.NS, addr string, seed uint64) {
 	ln, err := ns.Listen("tcp", addr)
 	if err != nil {
@@ -66,6 +69,16 @@ func bulkServer(t *testing.T, ns *netlab.NS, addr string, seed uint64) {
 				switch kind[0] {
 				case 'U':
 					sum, _ := hashOf(c)
+					c.Write(sum[:])
+				case 'L':
+					// Length-prefixed upload, for paths that do not
+					// carry a half-close (some proxies close both
+					// directions on the client's FIN).
+					var n [8]byte
+					if _, err := io.ReadFull(c, n[:]); err != nil {
+						return
+					}
+					sum, _ := hashOf(io.LimitReader(c, int64(binary.BigEndian.Uint64(n[:]))))
 					c.Write(sum[:])
 				case 'D':
 					io.Copy(c, stream(seed))
