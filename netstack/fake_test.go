@@ -395,10 +395,22 @@ type clientTCP struct {
 // dialTCP connects from the client stack to dst. The error is gVisor's own
 // so that its kind can be checked.
 func (c *clientStack) dialTCP(ctx context.Context, dst netip.AddrPort) (*clientTCP, tcpip.Error) {
+	return c.dialTCPFrom(ctx, 0, dst)
+}
+
+// dialTCPFrom is dialTCP from a chosen local port (0: any).
+func (c *clientStack) dialTCPFrom(ctx context.Context, port uint16, dst netip.AddrPort) (*clientTCP, tcpip.Error) {
 	wq := new(waiter.Queue)
 	ep, err := c.s.NewEndpoint(tcp.ProtocolNumber, netProto(dst.Addr()), wq)
 	if err != nil {
 		return nil, err
+	}
+	if port != 0 {
+		ep.SocketOptions().SetReuseAddress(true)
+		if err := ep.Bind(tcpip.FullAddress{Port: port}); err != nil {
+			ep.Close()
+			return nil, err
+		}
 	}
 	entry, ch := waiter.NewChannelEntry(waiter.WritableEvents | waiter.EventHUp | waiter.EventErr)
 	wq.EventRegister(&entry)

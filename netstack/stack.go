@@ -129,11 +129,14 @@ func (s *Stack) setup() error {
 		{"receive buffer", &tcpip.TCPReceiveBufferSizeRangeOption{Min: 4 << 10, Default: 128 << 10, Max: 4 << 20}},
 		// Send buffers: the same range, for the download direction.
 		{"send buffer", &tcpip.TCPSendBufferSizeRangeOption{Min: 4 << 10, Default: 128 << 10, Max: 4 << 20}},
-		// A closed flow's port pair is reused by the app quickly;
-		// holding TIME_WAIT for the default 60 s only costs memory.
-		{"time-wait timeout", ptr(tcpip.TCPTimeWaitTimeoutOption(5 * time.Second))},
-		// Reuse a TIME_WAIT pair that a new SYN asks for, as Linux does.
-		{"time-wait reuse", ptr(tcpip.TCPTimeWaitReuseGlobal)},
+		// No TIME_WAIT: when the upstream closes first our endpoint is
+		// the active closer, and the app's kernel may reuse the port at
+		// once. gVisor hands a SYN arriving in TIME_WAIT only to a
+		// listener, which the forwarder does not have, so the SYN would
+		// be dropped until TIME_WAIT ends (seen as multi-second connect
+		// stalls in make bench). Old duplicates, what TIME_WAIT guards
+		// against, cannot linger on a TUN.
+		{"time-wait timeout", ptr(tcpip.TCPTimeWaitTimeoutOption(0))},
 		// Delayed ACKs stay on (the default) but Nagle is off per
 		// endpoint in TCPRequest.Accept; nothing to set here.
 	}

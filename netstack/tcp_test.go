@@ -537,3 +537,50 @@ func TestTCPConnWriteDeadline(t *testing.T) {
 		t.Errorf("TCPConn.Write(64 MiB) wrote %d bytes before its deadline, want some but not all", n)
 	}
 }
+
+// TestTCPPortReuseAfterServerClose: when the upstream side closes first,
+// our endpoint is the active closer; an app that reconnects from the same
+// port right away (as a kernel may) must connect at once, not wait out a
+// TIME_WAIT whose SYN the forwarder (having no listener) cannot take over.
+func TestTCPPortReuseAfterServerClose(t *testing.T) {
+	h := &testHandler{}
+	e := newEnv(t, defaultConfig(), h)
+	h.tcp = func(r *netstack.TCPRequest) {
+		c, err := r.Accept()
+		if err != nil {
+			return
+		}
+		c.Write([]byte("bye"))
+		c.Close() // we close first
+	}
+	port := nextPort()
+	for i := range 3 {
+		// The client's own last ACK may still be in flight: retry while
+		// its port is busy on the client side, which is not what is
+		// under test.
+		var (
+			c   *clientTCP
+			err tcpip.Error
+		)
+		start := time.Now()
+		for {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			c, err = e.client.dialTCPFrom(ctx, port, remote4)
+			cancel()
+			_, busy := err.(*tcpip.ErrPortInUse)
+			_, taken := err.(*tcpip.ErrBadLocalAddress) // the 4-tuple, still in LAST_ACK
+			if !busy && !taken || time.Since(start) > time.Second {
+				break
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		if err != nil {
+			t.Fatalf("connect #%d from port %d right after the previous flow closed: %s", i, port, err)
+		}
+		c.SetDeadline(time.Now().Add(waitFor))
+		if got, err := io.ReadAll(c); err != nil || string(got) != "bye" {
+			t.Fatalf("flow #%d: read %q, %v", i, got, err)
+		}
+		c.Close()
+	}
+}
