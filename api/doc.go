@@ -1,4 +1,5 @@
-// Package api serves tungate's HTTP API: Prometheus metrics at /metrics and
-// a health check at /healthz, behind an optional bearer token. It serves a
+// Package api serves tungate's HTTP API: Prometheus metrics at /metrics, a
+// health check at /healthz and Go's profiler at /debug/pprof/, behind an
+// optional bearer token. It serves a
 // registry it is given and knows nothing of what fills it.
 package api
