@@ -183,6 +183,10 @@ type Route struct {
 	ExcludeAddresses []netip.Prefix `mapstructure:"exclude_addresses"`
 	Strict           bool           `mapstructure:"strict"`
 	SetSystemDNS     bool           `mapstructure:"set_system_dns"`
+	// Journal is the file where every route and rule is recorded before it
+	// is made, so that what a killed tungate left behind is removed at the
+	// next start (or by `tungate cleanup`).
+	Journal string `mapstructure:"journal"`
 }
 
 // API configures the control API.

@@ -106,6 +106,7 @@ func TestDefault(t *testing.T) {
 		{"len(route.exclude_addresses)", len(cfg.Route.ExcludeAddresses), 0},
 		{"route.strict", cfg.Route.Strict, false},
 		{"route.set_system_dns", cfg.Route.SetSystemDNS, false},
+		{"route.journal", cfg.Route.Journal, "/run/tungate/route.journal"},
 		{"api.listen", cfg.API.Listen, ""},
 		{"api.secret", cfg.API.Secret, ""},
 	}
@@ -276,6 +277,7 @@ func TestEnvironmentOverrides(t *testing.T) {
 		{"TUNGATE_ROUTE_AUTO", "false", func(c *Config) any { return c.Route.Auto }, false},
 		{"TUNGATE_TUN_ADDRESS", "10.0.0.1/30, fd00::1/126", func(c *Config) any { return c.Tun.Address }, prefixes("10.0.0.1/30", "fd00::1/126")},
 		{"TUNGATE_ROUTE_INCLUDE_UIDS", "1000,2000-2999", func(c *Config) any { return c.Route.IncludeUIDs }, []UIDRange{{1000, 1000}, {2000, 2999}}},
+		{"TUNGATE_ROUTE_JOURNAL", "/tmp/tg/route.journal", func(c *Config) any { return c.Route.Journal }, "/tmp/tg/route.journal"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.env, func(t *testing.T) {
@@ -474,6 +476,8 @@ func TestLoadReportsProblems(t *testing.T) {
 		{"main routing table", "route: {table: 254}", "route.table", "reserved kernel table"},
 		{"priority after main", "route: {priority: 40000}", "route.priority", "outside 1-32765"},
 		{"bad exclude address", "route: {exclude_addresses: [10.1/8]}", "route.exclude_addresses[0]", "invalid CIDR"},
+		{"empty journal", "route: {auto: true, journal: ''}", "route.journal", "must be an absolute file path"},
+		{"relative journal", "route: {journal: route.journal}", "route.journal", "must be an absolute file path"},
 		{"api without secret", "api: {listen: '0.0.0.0:9090'}", "api.secret", "required"},
 		{"api without host or secret", "api: {listen: ':9090'}", "api.secret", "required"},
 		{"api bad listen", "api: {listen: localhost}", "api.listen", "want host:port"},
@@ -497,6 +501,7 @@ func TestLoadAcceptsEdgeValues(t *testing.T) {
 		"tun: {mtu: 576, address: [10.0.0.1/30]}",
 		"tun: {name: '', fd: 3}",
 		"dns: {enabled: false, listen: ''}",
+		"route: {auto: false, journal: ''}", // no journal needed without auto-route
 		"dns: {hijack: ['any:53', '10.0.0.1:53', '[fd00::1]:5353']}",
 		"dns: {upstreams: ['udp://1.1.1.1', 'tcp://[2606:4700::1111]:53', 'tls://dns.example:853', 'https://dns.example/dns-query']}",
 		"outbounds: [{name: w, type: wireguard}]",

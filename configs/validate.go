@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/netip"
 	"net/url"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -357,6 +358,11 @@ func (c *Config) validateRoute(p *problemList) {
 	p.nonEmptyEntries("route.include_cgroups", r.IncludeCgroups)
 	p.nonEmptyEntries("route.exclude_cgroups", r.ExcludeCgroups)
 	validPrefixes(p, "route.exclude_addresses", r.ExcludeAddresses)
+	// Without a journal, state left by a killed tungate could not be found
+	// again; a relative path would depend on the working directory.
+	if r.Auto && (r.Journal == "" || !filepath.IsAbs(r.Journal)) {
+		p.add("route.journal", "must be an absolute file path when route.auto is true, got %q", r.Journal)
+	}
 }
 
 func (c *Config) validateAPI(p *problemList) {

@@ -48,9 +48,16 @@ func TestCheck(t *testing.T) {
 }
 
 // TestRunDefault starts `tungate run` with no flags at all — the embedded
-// default — in a lab namespace, and stops it.
+// default, auto-route included — in a lab namespace, and stops it: the
+// namespace's rules and routes are back to what they were.
 func TestRunDefault(t *testing.T) {
 	lab := netlab.New(t)
+	// The default journal, /run/tungate/route.journal, is one file for
+	// every namespace of this machine: give this run its own, so that
+	// concurrent test runs do not refuse each other.
+	t.Setenv("TUNGATE_ROUTE_JOURNAL", filepath.Join(t.TempDir(), "route.journal"))
+	settled(t, lab.App, netlab.VethName)
+	before := routingState(t, lab.App)
 	p := lab.App.Start(t, tungateBin, "run")
 	lab.App.WaitLink(t, "tungate0", true, startWait)
 	addrs := lab.App.MustRun(t, "ip", "-o", "addr", "show", "dev", "tungate0")
@@ -62,7 +69,10 @@ func TestRunDefault(t *testing.T) {
 	if link := lab.App.MustRun(t, "ip", "-o", "link", "show", "dev", "tungate0"); !strings.Contains(link, "mtu 9000") {
 		t.Errorf("tungate0 MTU is not the default 9000: %s", link)
 	}
-	waitLog(t, p, "auto-route is not available yet", startWait)
+	waitLog(t, p, "auto-route installed", startWait)
+	if rules := lab.App.MustRun(t, "ip", "rule"); !strings.Contains(rules, "lookup 2022 proto 231") {
+		t.Errorf("no rule into table 2022 while tungate runs:\n%s", rules)
+	}
 	if err := p.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
@@ -72,6 +82,7 @@ func TestRunDefault(t *testing.T) {
 	if out, err := lab.App.Run(t.Context(), "ip", "link", "show", "dev", "tungate0"); err == nil {
 		t.Fatalf("tungate0 still exists after exit:\n%s", out)
 	}
+	waitState(t, lab.App, before, "after SIGTERM")
 }
 
 func waitLog(t testing.TB, p *netlab.Proc, substr string, timeout time.Duration) {

@@ -57,6 +57,7 @@ type gateway struct {
 	udp    *forwarder.UDPTable
 	dns    *dnsproxy.Proxy
 	api    *api.Server
+	routes installedRoutes
 	closed bool
 }
 
@@ -167,6 +168,9 @@ func start(cfg *configs.Config, log *slog.Logger) (g *gateway, err error) {
 		log.Debug("route", "network", f.Network, "src", f.Src, "dst", f.Dst, "domain", f.Domain, "rule", idx, "outbound", name)
 		return dialers[name]
 	}
+	// A flow from one of tungate's own sockets (a wrong mark, a wrong
+	// interface) would loop through the TUN: refuse it at once.
+	route = g.loopGuard(cfg, route)
 
 	g.tcp, err = forwarder.NewTCP(forwarder.TCPConfig{
 		DialTimeout: cfg.Stack.TCP.DialTimeout,

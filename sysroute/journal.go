@@ -1,0 +1,231 @@
+package sysroute
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"golang.org/x/sys/unix"
+)
+
+// The journal is a file of JSON lines, one record per line, each written
+// and fsync'd before the change it describes is made:
+//
+//	{"op":"begin","pid":…,"netns":"…","table":2022,"first":9000,"last":9003}
+//	{"op":"add","seq":1,"route":{…}}
+//	{"op":"add","seq":2,"rule":{…}}
+//	{"op":"abort","seq":2}          the add failed: nothing to undo for it
+//
+// A tungate that was killed leaves it behind; the next Install (or
+// Cleanup) deletes every added object that was not aborted, newest first,
+// ignoring objects that are already gone (the record is written before the
+// change, so the change may never have happened). A last line without its
+// newline is a record torn by the kill and is ignored: its change was
+// never made. The file is removed when everything it lists has been
+// removed. While a tungate runs it holds an exclusive flock on the file,
+// so a second one sharing the path refuses to start instead of undoing the
+// first one's routes.
+
+// Journal operations.
+const (
+	opBegin = "begin"
+	opAdd   = "add"
+	opAbort = "abort"
+)
+
+// record is one line of the journal.
+type record struct {
+	Op  string `json:"op"`
+	Seq int    `json:"seq,omitempty"`
+
+	// begin: who wrote the journal, where, and the band it used.
+	PID   int    `json:"pid,omitempty"`
+	NetNS string `json:"netns,omitempty"`
+	Table int    `json:"table,omitempty"`
+	First int    `json:"first,omitempty"`
+	Last  int    `json:"last,omitempty"`
+
+	// add: exactly one of these.
+	Route *route `json:"route,omitempty"`
+	Rule  *rule  `json:"rule,omitempty"`
+}
+
+// ErrJournalBusy is returned when another live tungate holds the journal.
+var ErrJournalBusy = errors.New("route.journal is held by a running tungate (stop it first, or give each tungate its own route.journal, route.table and route.priority)")
+
+// journal is an open, locked journal file.
+type journal struct {
+	path string
+	f    *os.File
+	seq  int
+}
+
+// openJournal opens (creating if needed) and locks the journal at path.
+func openJournal(path string) (*journal, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, fmt.Errorf("route.journal: %w", err)
+	}
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("route.journal: %w", err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, fmt.Errorf("%s: %w", path, ErrJournalBusy)
+		}
+		return nil, fmt.Errorf("route.journal %s: lock: %w", path, err)
+	}
+	return &journal{path: path, f: f}, nil
+}
+
+// read returns the whole journal as written so far.
+func (j *journal) read() ([]byte, error) {
+	if _, err := j.f.Seek(0, 0); err != nil {
+		return nil, err
+	}
+	var buf bytes.Buffer
+	_, err := buf.ReadFrom(j.f)
+	return buf.Bytes(), err
+}
+
+// reset empties the journal for a new run.
+func (j *journal) reset() error {
+	if err := j.f.Truncate(0); err != nil {
+		return fmt.Errorf("route.journal %s: %w", j.path, err)
+	}
+	if _, err := j.f.Seek(0, 0); err != nil {
+		return fmt.Errorf("route.journal %s: %w", j.path, err)
+	}
+	j.seq = 0
+	return j.sync()
+}
+
+// append writes rec as one line and makes it durable before returning.
+func (j *journal) append(rec record) error {
+	b, err := json.Marshal(rec)
+	if err != nil {
+		return err
+	}
+	b = append(b, '\n')
+	if _, err := j.f.Write(b); err != nil {
+		return fmt.Errorf("route.journal %s: %w", j.path, err)
+	}
+	return j.sync()
+}
+
+func (j *journal) sync() error {
+	if err := j.f.Sync(); err != nil {
+		return fmt.Errorf("route.journal %s: fsync: %w", j.path, err)
+	}
+	return nil
+}
+
+// add records that obj (a route or rule) is about to be added and returns
+// the record's sequence number, for abort.
+func (j *journal) add(rt *route, ru *rule) (int, error) {
+	j.seq++
+	return j.seq, j.append(record{Op: opAdd, Seq: j.seq, Route: rt, Rule: ru})
+}
+
+// abort records that the add with sequence seq failed.
+func (j *journal) abort(seq int) error {
+	return j.append(record{Op: opAbort, Seq: seq})
+}
+
+// remove deletes the journal file and releases it.
+func (j *journal) remove() error {
+	err := os.Remove(j.path)
+	if errors.Is(err, os.ErrNotExist) {
+		err = nil
+	}
+	j.close()
+	if err != nil {
+		return fmt.Errorf("route.journal: %w", err)
+	}
+	return nil
+}
+
+// close releases the journal (and its lock) without removing it.
+func (j *journal) close() {
+	if j.f != nil {
+		j.f.Close()
+		j.f = nil
+	}
+}
+
+// journalEntry is one added object to undo.
+type journalEntry struct {
+	Route *route
+	Rule  *rule
+}
+
+func (e journalEntry) String() string {
+	if e.Route != nil {
+		return "route " + e.Route.String()
+	}
+	return "rule " + e.Rule.String()
+}
+
+// parsedJournal is what a journal file says was done.
+type parsedJournal struct {
+	// Begin is the run's begin record (nil if the file had none).
+	Begin *record
+	// Entries are the objects added and not aborted, oldest first.
+	Entries []journalEntry
+	// Problems are lines that were skipped, for the log.
+	Problems []string
+}
+
+// parseJournal reads a journal file's content. A last line without its
+// newline (torn by a kill in mid-write) is ignored; any other line that is
+// not a valid record is reported in Problems and skipped.
+func parseJournal(data []byte) parsedJournal {
+	var p parsedJournal
+	lines := bytes.Split(data, []byte{'\n'})
+	// After a complete file the last element is empty; otherwise it is
+	// the torn last record.
+	lines = lines[:len(lines)-1]
+	type pending struct {
+		seq   int
+		entry journalEntry
+	}
+	var adds []pending
+	aborted := map[int]bool{}
+	for i, line := range lines {
+		if len(bytes.TrimSpace(line)) == 0 {
+			continue
+		}
+		var rec record
+		if err := json.Unmarshal(line, &rec); err != nil {
+			p.Problems = append(p.Problems, fmt.Sprintf("line %d: %v", i+1, err))
+			continue
+		}
+		switch rec.Op {
+		case opBegin:
+			if p.Begin == nil {
+				b := rec
+				p.Begin = &b
+			}
+		case opAdd:
+			if (rec.Route == nil) == (rec.Rule == nil) {
+				p.Problems = append(p.Problems, fmt.Sprintf("line %d: an add record needs exactly one route or rule", i+1))
+				continue
+			}
+			adds = append(adds, pending{rec.Seq, journalEntry{Route: rec.Route, Rule: rec.Rule}})
+		case opAbort:
+			aborted[rec.Seq] = true
+		default:
+			p.Problems = append(p.Problems, fmt.Sprintf("line %d: unknown op %q", i+1, rec.Op))
+		}
+	}
+	for _, a := range adds {
+		if !aborted[a.seq] {
+			p.Entries = append(p.Entries, a.entry)
+		}
+	}
+	return p
+}
