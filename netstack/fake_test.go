@@ -9,6 +9,7 @@ package netstack_test
 
 import (
 	"bytes"
+	"encoding/binary"
 	"context"
 	"errors"
 	"fmt"
@@ -38,12 +39,11 @@ import (
 	"gvisor.dev/gvisor/pkg/waiter"
 
 	"github.com/tungate/tungate/netstack"
+	"github.com/tungate/tungate/tun/virtio"
 )
 
 const (
 	testMTU      = 1500
-	testHeadroom = 16
-	testBatch    = 8
 	// waitFor bounds every wait for something that should happen promptly.
 	waitFor = 5 * time.Second
 )
@@ -56,7 +56,7 @@ var (
 )
 
 func defaultConfig() netstack.Config {
-	return netstack.Config{MTU: testMTU, Headroom: testHeadroom, MaxInFlight: 16}
+	return netstack.Config{MTU: testMTU, MaxInFlight: 16}
 }
 
 // errDeviceClosed is what the fake device returns once closed.
@@ -65,12 +65,20 @@ var errDeviceClosed = errors.New("fake device: closed")
 func isClosed(err error) bool { return errors.Is(err, errDeviceClosed) }
 
 // fakeDevice is an in-memory netstack.Device. Packets queued with inject
-// are returned by Read; packets passed to Write go to out.
+// are returned by ReadFrame; packets passed to WriteFrame go to out.
+//
+// With virtio set it plays the kernel's part of a TUN with offloads: frames
+// carry a virtio-net header, injected packets get an empty one (complete
+// checksums), and written frames are segmented and have their partial
+// checksums completed before out sees them, as the kernel would before
+// delivering them.
 type fakeDevice struct {
 	in        chan []byte
 	closed    chan struct{}
 	closeOnce sync.Once
 	out       func(pkt []byte) // called with a copy of every written packet
+	virtio    bool
+	gsoFrames atomic.Int64 // written frames that asked for segmentation
 }
 
 func newFakeDevice(out func([]byte)) *fakeDevice {
@@ -81,52 +89,120 @@ func newFakeDevice(out func([]byte)) *fakeDevice {
 	}
 }
 
-// Read implements netstack.Device.Read.
-func (d *fakeDevice) Read(bufs [][]byte, sizes []int) (int, error) {
+// ReadFrame implements netstack.Device.ReadFrame.
+func (d *fakeDevice) ReadFrame(b []byte) (int, error) {
 	var p []byte
 	select {
 	case <-d.closed:
 		return 0, errDeviceClosed
 	case p = <-d.in:
 	}
-	n := 0
-	for {
-		if len(bufs[n]) < testHeadroom+len(p) {
-			return n, fmt.Errorf("fake device: buffer %d of %d bytes too small for %d+%d", n, len(bufs[n]), testHeadroom, len(p))
-		}
-		sizes[n] = copy(bufs[n][testHeadroom:], p)
-		n++
-		if n == len(bufs) {
-			return n, nil
-		}
-		select {
-		case p = <-d.in:
-		default:
-			return n, nil
-		}
+	if d.virtio && !isFrame(p) {
+		clear(b[:virtio.HdrLen])
+		return virtio.HdrLen + copy(b[virtio.HdrLen:], p), nil
 	}
+	if d.virtio {
+		p = p[len(rawFrameTag):]
+	}
+	if len(b) < len(p) {
+		return 0, fmt.Errorf("fake device: buffer of %d bytes too small for %d", len(b), len(p))
+	}
+	return copy(b, p), nil
 }
 
-// Write implements netstack.Device.Write.
-func (d *fakeDevice) Write(bufs [][]byte) (int, error) {
+// rawFrameTag marks an injected slice that is already a whole frame
+// (virtio-net header included), for tests that build their own headers.
+const rawFrameTag = "\x00frame:"
+
+func isFrame(p []byte) bool { return bytes.HasPrefix(p, []byte(rawFrameTag)) }
+
+// WriteFrame implements netstack.Device.WriteFrame.
+func (d *fakeDevice) WriteFrame(b []byte) (int, error) {
 	select {
 	case <-d.closed:
 		return 0, errDeviceClosed
 	default:
 	}
-	for i, b := range bufs {
-		if len(b) < testHeadroom {
-			return i, fmt.Errorf("fake device: buffer %d shorter than headroom", i)
-		}
-		if d.out != nil {
-			d.out(bytes.Clone(b[testHeadroom:]))
-		}
+	if d.out == nil {
+		return len(b), nil
 	}
-	return len(bufs), nil
+	if !d.virtio {
+		d.out(bytes.Clone(b))
+		return len(b), nil
+	}
+	h, err := virtio.Decode(b)
+	if err != nil {
+		return 0, err
+	}
+	if h.GSOType != virtio.GSONone {
+		d.gsoFrames.Add(1)
+	}
+	segs, err := kernelSegment(h, b[virtio.HdrLen:])
+	if err != nil {
+		return 0, err
+	}
+	for _, seg := range segs {
+		d.out(seg)
+	}
+	return len(b), nil
 }
 
-// BatchSize implements netstack.Device.BatchSize.
-func (d *fakeDevice) BatchSize() int { return testBatch }
+// VirtioHdr implements netstack.Device.VirtioHdr.
+func (d *fakeDevice) VirtioHdr() bool { return d.virtio }
+
+// kernelSegment does what the kernel does with a frame from a TUN with
+// offloads: cut a TSO super-packet into MSS-sized segments and complete
+// the partial checksums.
+func kernelSegment(h virtio.Hdr, pkt []byte) ([][]byte, error) {
+	if h.GSOType == virtio.GSONone {
+		p := bytes.Clone(pkt)
+		if h.Flags&virtio.FlagNeedsCsum != 0 {
+			at := int(h.CsumStart) + int(h.CsumOffset)
+			if at+2 > len(p) {
+				return nil, fmt.Errorf("fake device: checksum offset %d beyond %d bytes", at, len(p))
+			}
+			binary.BigEndian.PutUint16(p[at:], ^checksum.Checksum(p[h.CsumStart:], 0))
+		}
+		return [][]byte{p}, nil
+	}
+	if h.GSOType != virtio.GSOTCPv4 && h.GSOType != virtio.GSOTCPv6 {
+		return nil, fmt.Errorf("fake device: GSO type %d", h.GSOType)
+	}
+	hdrLen, mss := int(h.HdrLen), int(h.GSOSize)
+	if hdrLen > len(pkt) || mss == 0 || h.Flags&virtio.FlagNeedsCsum == 0 {
+		return nil, fmt.Errorf("fake device: bad GSO frame %+v for %d bytes", h, len(pkt))
+	}
+	l3 := int(h.CsumStart)
+	payload := pkt[hdrLen:]
+	var segs [][]byte
+	for off := 0; off < len(payload); off += mss {
+		end := min(off+mss, len(payload))
+		seg := append(bytes.Clone(pkt[:hdrLen]), payload[off:end]...)
+		tcp := header.TCP(seg[l3:])
+		tcp.SetSequenceNumber(tcp.SequenceNumber() + uint32(off))
+		if end < len(payload) {
+			tcp.SetFlags(uint8(tcp.Flags() &^ (header.TCPFlagFin | header.TCPFlagPsh)))
+		}
+		var src, dst tcpip.Address
+		if h.GSOType == virtio.GSOTCPv4 {
+			ip := header.IPv4(seg)
+			ip.SetTotalLength(uint16(len(seg)))
+			ip.SetID(ip.ID() + uint16(len(segs)))
+			ip.SetChecksum(0)
+			ip.SetChecksum(^ip.CalculateChecksum())
+			src, dst = ip.SourceAddress(), ip.DestinationAddress()
+		} else {
+			ip := header.IPv6(seg)
+			ip.SetPayloadLength(uint16(len(seg) - header.IPv6MinimumSize))
+			src, dst = ip.SourceAddress(), ip.DestinationAddress()
+		}
+		tcp.SetChecksum(0)
+		xsum := header.PseudoHeaderChecksum(header.TCPProtocolNumber, src, dst, uint16(len(seg)-l3))
+		tcp.SetChecksum(^checksum.Checksum(seg[l3:], xsum))
+		segs = append(segs, seg)
+	}
+	return segs, nil
+}
 
 // inject queues pkt to be read by the stack, as if an app sent it. It
 // gives up, returning false, when the device is closed or the stack has
@@ -282,9 +358,17 @@ type env struct {
 // in t.Cleanup.
 func newEnv(t testing.TB, cfg netstack.Config, h netstack.Handler) *env {
 	t.Helper()
+	return newEnvMode(t, cfg, h, false)
+}
+
+// newEnvMode is newEnv with the device framing packets with a virtio-net
+// header (offloads) or not.
+func newEnvMode(t testing.TB, cfg netstack.Config, h netstack.Handler, virtio bool) *env {
+	t.Helper()
 	e := &env{t: t}
 	e.client = newClientStack(t)
 	e.dev = newFakeDevice(e.fromStack)
+	e.dev.virtio = virtio
 	s, err := netstack.New(e.dev, h, cfg, nil)
 	if err != nil {
 		e.client.close()

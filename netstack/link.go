@@ -12,41 +12,54 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
+
+	"github.com/tungate/tungate/tun/virtio"
 )
 
 // Device is the packet device under the stack: a TUN, or a fake in tests.
 //
-// Read fills up to len(bufs) packets, packet i at bufs[i][headroom:], and
-// sets sizes[i]; it blocks until at least one packet arrives and returns
-// ErrDeviceClosed-wrapping errors (anything for which closed() is true) once
-// the device is closed. Write sends bufs[i][headroom:] for every i; it may
-// coalesce packets into the spare capacity of the buffers. BatchSize is the
-// most packets one call moves and never changes.
+// ReadFrame reads one frame into b (which holds virtio.HdrLen+65535 bytes)
+// and blocks until one arrives; WriteFrame writes one. When VirtioHdr is
+// true every frame starts with a virtio-net header and may be a TCP
+// super-packet (TSO) of up to 64 KiB, in both directions; otherwise a frame
+// is one bare IP packet. Once the device is closed both return an error for
+// which the isClosed function given to Stack.Start is true.
 type Device interface {
-	Read(bufs [][]byte, sizes []int) (int, error)
-	Write(bufs [][]byte) (int, error)
-	BatchSize() int
+	ReadFrame(b []byte) (int, error)
+	WriteFrame(b []byte) (int, error)
+	VirtioHdr() bool
 }
 
-// maxPacket is the largest IP packet a buffer must hold.
+// maxPacket is the largest IP packet a frame carries.
 const maxPacket = 65535
 
 // outQueueLen bounds the packets gVisor may have queued for the device
-// before WritePackets blocks its caller: about two full batches, so the
-// writer always has a next batch ready without hoarding memory.
+// before WritePackets blocks its caller: enough for the writer to always
+// have a next packet ready without hoarding memory.
 const outQueueLen = 256
 
-var _ stack.LinkEndpoint = (*linkEndpoint)(nil)
+var (
+	_ stack.LinkEndpoint = (*linkEndpoint)(nil)
+	_ stack.GSOEndpoint  = (*linkEndpoint)(nil)
+)
 
 // linkEndpoint connects a Device to gVisor. Inbound, a reader goroutine
-// reads batches from the device and delivers each packet to the stack.
-// Outbound, WritePackets puts packets on a bounded queue (blocking when it is
-// full, so that TCP's own flow control slows down instead of packets being
-// lost) and a writer goroutine moves them to the device in batches.
+// reads frames and delivers each packet to the stack. Outbound,
+// WritePackets puts packets on a bounded queue (blocking when it is full,
+// so that TCP's own flow control slows down instead of packets being lost)
+// and a writer goroutine moves them to the device.
+//
+// With a virtio-net header the endpoint offloads in both directions: a TCP
+// super-packet the kernel sends (TSO) reaches gVisor whole instead of as
+// MTU-sized segments, and gVisor hands over super-packets of up to 64 KiB
+// (host GSO) with partial checksums that the kernel completes and
+// segments. gVisor then trusts every received checksum
+// (CapabilityRXChecksumOffload), so the endpoint verifies those the kernel
+// did not mark as partial itself.
 type linkEndpoint struct {
-	dev      Device
-	headroom int
-	log      *slog.Logger
+	dev    Device
+	virtio bool
+	log    *slog.Logger
 
 	mtu atomic.Uint32
 
@@ -61,6 +74,7 @@ type linkEndpoint struct {
 	readErrors  atomic.Uint64
 	writeErrors atomic.Uint64
 	badVersion  atomic.Uint64
+	badFrame    atomic.Uint64 // bad virtio header, unsupported GSO type, bad checksum
 	packetsIn   atomic.Uint64
 	packetsOut  atomic.Uint64
 	// enqueued and settled (written or failed) tell Flush when every packet
@@ -70,13 +84,13 @@ type linkEndpoint struct {
 	onFatalError func(error)
 }
 
-func newLinkEndpoint(dev Device, mtu uint32, headroom int, log *slog.Logger) *linkEndpoint {
+func newLinkEndpoint(dev Device, mtu uint32, log *slog.Logger) *linkEndpoint {
 	e := &linkEndpoint{
-		dev:      dev,
-		headroom: headroom,
-		log:      log,
-		out:      make(chan *stack.PacketBuffer, outQueueLen),
-		done:     make(chan struct{}),
+		dev:    dev,
+		virtio: dev.VirtioHdr(),
+		log:    log,
+		out:    make(chan *stack.PacketBuffer, outQueueLen),
+		done:   make(chan struct{}),
 	}
 	e.mtu.Store(mtu)
 	return e
@@ -92,36 +106,61 @@ func (e *linkEndpoint) start(isClosed func(error) bool) {
 
 func (e *linkEndpoint) readLoop(isClosed func(error) bool) {
 	defer e.wg.Done()
-	batch := e.dev.BatchSize()
-	bufs := make([][]byte, batch)
-	for i := range bufs {
-		bufs[i] = make([]byte, e.headroom+maxPacket)
-	}
-	sizes := make([]int, batch)
+	buf := make([]byte, virtio.HdrLen+maxPacket)
 	for {
-		n, err := e.dev.Read(bufs, sizes)
-		for i := 0; i < n; i++ {
-			e.deliver(bufs[i][e.headroom : e.headroom+sizes[i]])
+		n, err := e.dev.ReadFrame(buf)
+		if err == nil {
+			e.deliverFrame(buf[:n])
+			continue
 		}
-		if err != nil {
-			select {
-			case <-e.done:
-				return
-			default:
+		select {
+		case <-e.done:
+			return
+		default:
+		}
+		if isClosed(err) {
+			if e.onFatalError != nil {
+				e.onFatalError(err)
 			}
-			if isClosed(err) {
-				if e.onFatalError != nil {
-					e.onFatalError(err)
-				}
-				return
-			}
-			// A malformed super-packet from the kernel costs that read,
-			// not the device.
-			if e.readErrors.Add(1) == 1 || e.log.Enabled(context.Background(), slog.LevelDebug) {
-				e.log.Warn("tun read", "err", err)
-			}
+			return
+		}
+		if e.readErrors.Add(1) == 1 || e.log.Enabled(context.Background(), slog.LevelDebug) {
+			e.log.Warn("tun read", "err", err)
 		}
 	}
+}
+
+// deliverFrame hands the packet in one frame to the stack.
+func (e *linkEndpoint) deliverFrame(frame []byte) {
+	if !e.virtio {
+		e.deliver(frame)
+		return
+	}
+	h, err := virtio.Decode(frame)
+	if err != nil {
+		e.badFrame.Add(1)
+		return
+	}
+	pkt := frame[virtio.HdrLen:]
+	switch h.GSOType &^ virtio.GSOECN {
+	case virtio.GSONone:
+		// A partial checksum is the kernel's promise to fill it in
+		// later (the packet was built on this host); anything else is
+		// checked here, since gVisor will not.
+		if h.Flags&(virtio.FlagNeedsCsum|virtio.FlagDataValid) == 0 && !checksumsValid(pkt) {
+			e.badFrame.Add(1)
+			return
+		}
+	case virtio.GSOTCPv4, virtio.GSOTCPv6:
+		// A TSO super-packet, built by this host's kernel with a
+		// partial checksum: gVisor takes it whole.
+	default:
+		// UDP segmentation is not negotiated; a frame of this kind is
+		// a kernel we do not understand.
+		e.badFrame.Add(1)
+		return
+	}
+	e.deliver(pkt)
 }
 
 func (e *linkEndpoint) deliver(b []byte) {
@@ -152,12 +191,7 @@ func (e *linkEndpoint) deliver(b []byte) {
 
 func (e *linkEndpoint) writeLoop(isClosed func(error) bool) {
 	defer e.wg.Done()
-	batch := e.dev.BatchSize()
-	bufs := make([][]byte, batch)
-	for i := range bufs {
-		bufs[i] = make([]byte, e.headroom, e.headroom+maxPacket)
-	}
-	toWrite := make([][]byte, 0, batch)
+	buf := make([]byte, 0, virtio.HdrLen+maxPacket)
 	for {
 		var pkt *stack.PacketBuffer
 		select {
@@ -165,26 +199,10 @@ func (e *linkEndpoint) writeLoop(isClosed func(error) bool) {
 		case <-e.done:
 			return
 		}
-		toWrite = toWrite[:0]
-		for {
-			b := bufs[len(toWrite)][:e.headroom]
-			for _, s := range pkt.AsSlices() {
-				b = append(b, s...)
-			}
-			pkt.DecRef()
-			toWrite = append(toWrite, b)
-			if len(toWrite) == batch {
-				break
-			}
-			select {
-			case pkt = <-e.out:
-				continue
-			default:
-			}
-			break
-		}
-		_, err := e.dev.Write(toWrite)
-		e.settled.Add(uint64(len(toWrite)))
+		frame := e.frame(buf[:0], pkt)
+		pkt.DecRef()
+		_, err := e.dev.WriteFrame(frame)
+		e.settled.Add(1)
 		if err != nil {
 			if isClosed(err) {
 				return
@@ -194,8 +212,49 @@ func (e *linkEndpoint) writeLoop(isClosed func(error) bool) {
 			}
 			continue
 		}
-		e.packetsOut.Add(uint64(len(toWrite)))
+		e.packetsOut.Add(1)
 	}
+}
+
+// frame appends pkt to b as one device frame: with a virtio-net header
+// describing gVisor's offload request when the device has one.
+func (e *linkEndpoint) frame(b []byte, pkt *stack.PacketBuffer) []byte {
+	if e.virtio {
+		b = b[:virtio.HdrLen]
+		virtioHdrFor(pkt).Encode(b)
+	}
+	for _, s := range pkt.AsSlices() {
+		b = append(b, s...)
+	}
+	return b
+}
+
+// virtioHdrFor translates gVisor's GSO options into a virtio-net header.
+// With host GSO every TCP packet gVisor sends, even a bare ACK, carries only
+// the pseudo-header sum in its checksum field (NeedsCsum); one longer than
+// its MSS is a super-packet for the kernel to segment.
+func virtioHdrFor(pkt *stack.PacketBuffer) virtio.Hdr {
+	g := pkt.GSOOptions
+	if g.Type != stack.GSOTCPv4 && g.Type != stack.GSOTCPv6 {
+		return virtio.Hdr{}
+	}
+	l3 := uint16(len(pkt.NetworkHeader().Slice()))
+	l4 := uint16(len(pkt.TransportHeader().Slice()))
+	var h virtio.Hdr
+	if g.NeedsCsum {
+		h.Flags = virtio.FlagNeedsCsum
+		h.CsumStart = l3
+		h.CsumOffset = g.CsumOffset
+	}
+	if payload := pkt.Size() - int(l3) - int(l4); g.MSS > 0 && payload > int(g.MSS) {
+		h.GSOType = virtio.GSOTCPv4
+		if g.Type == stack.GSOTCPv6 {
+			h.GSOType = virtio.GSOTCPv6
+		}
+		h.GSOSize = g.MSS
+		h.HdrLen = l3 + l4
+	}
+	return h
 }
 
 // close stops both goroutines and drops queued packets. The device must be
@@ -259,9 +318,29 @@ func (*linkEndpoint) LinkAddress() tcpip.LinkAddress { return "" }
 // SetLinkAddress implements stack.LinkEndpoint.SetLinkAddress.
 func (*linkEndpoint) SetLinkAddress(tcpip.LinkAddress) {}
 
-// Capabilities implements stack.LinkEndpoint.Capabilities. None: gVisor
-// validates every checksum itself, since packets from a TUN are untrusted.
-func (*linkEndpoint) Capabilities() stack.LinkEndpointCapabilities { return 0 }
+// Capabilities implements stack.LinkEndpoint.Capabilities. With a
+// virtio-net header, receive checksums are the endpoint's business (see
+// deliverFrame): a TSO super-packet carries only a partial checksum, and
+// gVisor would drop it as corrupt. Without one, gVisor checks them all.
+func (e *linkEndpoint) Capabilities() stack.LinkEndpointCapabilities {
+	if e.virtio {
+		return stack.CapabilityRXChecksumOffload
+	}
+	return 0
+}
+
+// GSOMaxSize implements stack.GSOEndpoint: the largest IP packet a frame
+// can carry.
+func (*linkEndpoint) GSOMaxSize() uint32 { return maxPacket }
+
+// SupportedGSO implements stack.GSOEndpoint: the kernel segments what
+// gVisor hands over when the device has a virtio-net header.
+func (e *linkEndpoint) SupportedGSO() stack.SupportedGSO {
+	if e.virtio {
+		return stack.HostGSOSupported
+	}
+	return stack.GSONotSupported
+}
 
 // Attach implements stack.LinkEndpoint.Attach.
 func (e *linkEndpoint) Attach(d stack.NetworkDispatcher) {

@@ -37,9 +37,6 @@ type Handler interface {
 type Config struct {
 	// MTU of the device; gVisor derives its MSS from it.
 	MTU int
-	// Headroom is the offset at which the device reads and writes packets
-	// in its buffers.
-	Headroom int
 	// MaxInFlight bounds the connections whose upstream is still being
 	// dialled; further SYNs are dropped and counted (the app retransmits).
 	MaxInFlight int
@@ -98,7 +95,7 @@ func New(dev Device, h Handler, cfg Config, log *slog.Logger) (*Stack, error) {
 			HandleLocal: false,
 		}),
 	}
-	s.link = newLinkEndpoint(dev, uint32(cfg.MTU), cfg.Headroom, log)
+	s.link = newLinkEndpoint(dev, uint32(cfg.MTU), log)
 	if err := s.setup(); err != nil {
 		s.stack.Close()
 		return nil, err
@@ -225,7 +222,7 @@ func (s *Stack) Stats() Stats {
 		SYNsDroppedInFlight: st.TCP.ForwardMaxInFlightDrop.Value(),
 		// Bad UDP is counted once, by the NIC; TCP segments that reach
 		// an endpoint are counted by TCP instead.
-		Malformed: s.link.badVersion.Load() + st.IP.MalformedPacketsReceived.Value() +
+		Malformed: s.link.badVersion.Load() + s.link.badFrame.Load() + st.IP.MalformedPacketsReceived.Value() +
 			st.NICs.MalformedL4RcvdPackets.Value() + st.TCP.ChecksumErrors.Value() +
 			st.TCP.InvalidSegmentsReceived.Value(),
 		TUNReadErrors:   s.link.readErrors.Load(),

@@ -34,10 +34,10 @@ func TestNewChecksArguments(t *testing.T) {
 	}{
 		{"nil device", nil, h, defaultConfig()},
 		{"nil handler", dev, nil, defaultConfig()},
-		{"mtu too small", dev, h, netstack.Config{MTU: 575, Headroom: testHeadroom, MaxInFlight: 1}},
-		{"mtu too big", dev, h, netstack.Config{MTU: 65536, Headroom: testHeadroom, MaxInFlight: 1}},
-		{"zero max in-flight", dev, h, netstack.Config{MTU: testMTU, Headroom: testHeadroom}},
-		{"negative max in-flight", dev, h, netstack.Config{MTU: testMTU, Headroom: testHeadroom, MaxInFlight: -1}},
+		{"mtu too small", dev, h, netstack.Config{MTU: 575, MaxInFlight: 1}},
+		{"mtu too big", dev, h, netstack.Config{MTU: 65536, MaxInFlight: 1}},
+		{"zero max in-flight", dev, h, netstack.Config{MTU: testMTU}},
+		{"negative max in-flight", dev, h, netstack.Config{MTU: testMTU, MaxInFlight: -1}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s, err := netstack.New(tc.dev, tc.h, tc.cfg, nil)

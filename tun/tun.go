@@ -21,10 +21,6 @@ type Config struct {
 	FD int
 }
 
-// Offset is the headroom, in bytes, that Read and Write need at the front of
-// every buffer (room for the virtio-net header).
-const Offset = 16
-
 // MaxPacketSize is the largest packet Read can return or Write can take.
 const MaxPacketSize = 65535
 

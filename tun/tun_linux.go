@@ -13,15 +13,17 @@ import (
 	wgtun "golang.zx2c4.com/wireguard/tun"
 )
 
-// Device is an open TUN device.
+// Device is an open TUN device that moves one frame per call.
 //
-// Read and Write follow golang.zx2c4.com/wireguard/tun.Device: Read fills up
-// to len(bufs) packets, each starting at bufs[i][Offset:], and sets sizes[i];
-// Write sends bufs[i][Offset:] for every i and may coalesce TCP segments, so
-// each buffer needs a capacity of Offset+MaxPacketSize. Reads may run
-// concurrently with writes; two concurrent Reads (or Writes) serialize.
+// With Offload() true a frame is a 10-byte virtio-net header (virtio.Hdr)
+// followed by the IP packet, which may be a TSO super-packet of up to 64 KiB
+// in either direction; the device negotiates checksum and TCP segmentation
+// offloads (TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6) but not UDP segmentation,
+// so a frame never carries several UDP datagrams. Without offloads a frame
+// is the bare IP packet. ReadFrame may run concurrently with WriteFrame.
 type Device struct {
 	dev     wgtun.Device
+	file    *os.File
 	name    string
 	mtu     int
 	offload bool
@@ -47,8 +49,20 @@ func Open(cfg Config, log *slog.Logger) (*Device, error) {
 		}
 	case cfg.Offload:
 		dev, err = wgtun.CreateTUN(cfg.Name, cfg.MTU)
+		if err == nil && dev.BatchSize() > 1 {
+			err = tcpOffloadsOnly(dev.File())
+		}
 		if err != nil {
-			return nil, fmt.Errorf("tun: create %s: %w", cfg.Name, err)
+			// Offloads break on some kernels: a plain device still
+			// works, one packet per system call.
+			if dev != nil {
+				dev.Close()
+			}
+			log.Warn("tun: the kernel refused offloads; continuing as with tun.offload: off", "name", cfg.Name, "err", err)
+			dev, err = createPlain(cfg.Name, cfg.MTU)
+			if err != nil {
+				return nil, fmt.Errorf("tun: create %s: %w", cfg.Name, err)
+			}
 		}
 		name = cfg.Name
 	default:
@@ -61,7 +75,9 @@ func Open(cfg Config, log *slog.Logger) (*Device, error) {
 	if n, err := dev.Name(); err == nil {
 		name = n
 	}
-	d := &Device{dev: dev, name: name, mtu: cfg.MTU, offload: dev.BatchSize() > 1, owned: cfg.FD <= 0, log: log}
+	// wireguard-go's device set the virtio-net header up exactly when it
+	// reads in batches.
+	d := &Device{dev: dev, file: dev.File(), name: name, mtu: cfg.MTU, offload: dev.BatchSize() > 1, owned: cfg.FD <= 0, log: log}
 	if d.owned {
 		if err := d.configure(cfg); err != nil {
 			dev.Close()
@@ -77,7 +93,13 @@ func Open(cfg Config, log *slog.Logger) (*Device, error) {
 			log.Debug("tun event", "name", name, "event", ev)
 		}
 	}()
-	log.Info("tun device up", "name", name, "mtu", d.mtu, "offload", d.offload, "batch", dev.BatchSize(), "adopted_fd", cfg.FD > 0)
+	if d.offload && cfg.FD > 0 {
+		if err := tcpOffloadsOnly(d.file); err != nil {
+			dev.Close()
+			return nil, fmt.Errorf("tun: adopt fd %d: %w", cfg.FD, err)
+		}
+	}
+	log.Info("tun device up", "name", name, "mtu", d.mtu, "offload", d.offload, "adopted_fd", cfg.FD > 0)
 	return d, nil
 }
 
@@ -137,28 +159,51 @@ func (d *Device) Name() string { return d.name }
 // MTU returns the device MTU.
 func (d *Device) MTU() int { return d.mtu }
 
-// Offload reports whether the device moves virtio-net framed batches.
+// Offload reports whether the device offloads checksums and TCP
+// segmentation, which frames every packet with a virtio-net header.
 func (d *Device) Offload() bool { return d.offload }
 
-// BatchSize is the most packets one Read returns or one Write takes.
-func (d *Device) BatchSize() int { return d.dev.BatchSize() }
+// VirtioHdr reports whether frames start with a virtio-net header: the same
+// as Offload, under the name the netstack's Device contract uses.
+func (d *Device) VirtioHdr() bool { return d.offload }
 
-// Read reads one or more packets; see Device.
-func (d *Device) Read(bufs [][]byte, sizes []int) (int, error) {
-	n, err := d.dev.Read(bufs, sizes, Offset)
+// ReadFrame reads one frame into b, which must hold virtio.HdrLen+MaxPacketSize
+// bytes; see Device.
+func (d *Device) ReadFrame(b []byte) (int, error) {
+	n, err := d.file.Read(b)
 	if errors.Is(err, os.ErrClosed) {
 		return n, ErrClosed
 	}
 	return n, err
 }
 
-// Write writes packets; see Device.
-func (d *Device) Write(bufs [][]byte) (int, error) {
-	n, err := d.dev.Write(bufs, Offset)
+// WriteFrame writes one frame; see Device.
+func (d *Device) WriteFrame(b []byte) (int, error) {
+	n, err := d.file.Write(b)
 	if errors.Is(err, os.ErrClosed) {
 		return n, ErrClosed
 	}
 	return n, err
+}
+
+// tcpOffloadsOnly keeps the checksum and TCP segmentation offloads that
+// wireguard-go negotiated and drops UDP segmentation (USO), which would
+// pack several datagrams into one frame.
+func tcpOffloadsOnly(f *os.File) error {
+	sc, err := f.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var ioErr error
+	if err := sc.Control(func(fd uintptr) {
+		ioErr = unix.IoctlSetInt(int(fd), unix.TUNSETOFFLOAD, unix.TUN_F_CSUM|unix.TUN_F_TSO4|unix.TUN_F_TSO6)
+	}); err != nil {
+		return err
+	}
+	if ioErr != nil {
+		return fmt.Errorf("TUNSETOFFLOAD: %w", ioErr)
+	}
+	return nil
 }
 
 // Close closes the device. A device tungate created disappears with its

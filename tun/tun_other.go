@@ -11,10 +11,10 @@ type Device struct{}
 // Open returns ErrNotSupported on this OS.
 func Open(Config, *slog.Logger) (*Device, error) { return nil, ErrNotSupported }
 
-func (*Device) Name() string                      { return "" }
-func (*Device) MTU() int                          { return 0 }
-func (*Device) Offload() bool                     { return false }
-func (*Device) BatchSize() int                    { return 1 }
-func (*Device) Read([][]byte, []int) (int, error) { return 0, ErrNotSupported }
-func (*Device) Write([][]byte) (int, error)       { return 0, ErrNotSupported }
-func (*Device) Close() error                      { return nil }
+func (*Device) Name() string                   { return "" }
+func (*Device) MTU() int                       { return 0 }
+func (*Device) Offload() bool                  { return false }
+func (*Device) VirtioHdr() bool                { return false }
+func (*Device) ReadFrame([]byte) (int, error)  { return 0, ErrNotSupported }
+func (*Device) WriteFrame([]byte) (int, error) { return 0, ErrNotSupported }
+func (*Device) Close() error                   { return nil }

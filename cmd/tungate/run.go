@@ -204,7 +204,6 @@ func start(cfg *configs.Config, log *slog.Logger) (g *gateway, err error) {
 	}
 	g.stack, err = netstack.New(g.dev, &flowHandler{g: g, hijack: hj}, netstack.Config{
 		MTU:         g.dev.MTU(),
-		Headroom:    tun.Offset,
 		MaxInFlight: cfg.Stack.TCP.MaxInFlight,
 		Keepalive:   cfg.Stack.TCP.Keepalive,
 	}, log.With("component", "netstack"))
