@@ -62,7 +62,7 @@ func TestChecksumsValid(t *testing.T) {
 	u6 := udpSeg(src6, dst6, "hello")
 	noSum4 := append([]byte(nil), u4...)
 	header.UDP(noSum4).SetChecksum(0)
-	hopByHop := []byte{byte(header.IPv6HopByHopOptionsExtHdrIdentifier), 0, 1, 4, 0, 0, 0, 0}   // PadN
+	hopByHop := []byte{byte(header.IPv6HopByHopOptionsExtHdrIdentifier), 0, 1, 4, 0, 0, 0, 0}    // PadN
 	destOpts := []byte{byte(header.IPv6DestinationOptionsExtHdrIdentifier), 0, 1, 4, 0, 0, 0, 0} // PadN
 	fragHdr := []byte{byte(header.IPv6FragmentExtHdrIdentifier), 0, 0, 1, 0, 0, 0, 7}            // offset 0, M=1
 	icmp := []byte{8, 0, 0, 0, 0, 1, 0, 1, 'p', 'i', 'n', 'g'}

@@ -9,8 +9,8 @@ package netstack_test
 
 import (
 	"bytes"
-	"encoding/binary"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -43,7 +43,7 @@ import (
 )
 
 const (
-	testMTU      = 1500
+	testMTU = 1500
 	// waitFor bounds every wait for something that should happen promptly.
 	waitFor = 5 * time.Second
 )
