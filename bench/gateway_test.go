@@ -57,8 +57,9 @@ type gateway struct {
 
 // gatewayConfig is tungate's configuration for the benchmark: a TUN in the
 // app namespace, the direct outbound, the API on the namespace's loopback,
-// no DNS, no auto-route, info logging (debug logs every flow, which would
-// be measured too).
+// the DNS proxy in real mode hijacking port 53 with dnsmasq in wan as its
+// upstream (dns_test.go), no auto-route, info logging (debug logs every
+// flow, which would be measured too).
 func gatewayConfig(offload string) string {
 	return fmt.Sprintf(`log:
   level: info
@@ -72,12 +73,18 @@ outbounds:
     type: direct
     fwmark: %#x
 dns:
-  enabled: false
+  enabled: true
+  mode: real
+  listen: 172.19.0.2
+  hijack: ["any:53"]
+  upstreams: ["udp://%s"]
+  cache:
+    size: %d
 route:
   auto: false
 api:
   listen: %s
-`, tunName, offload, fwmark, apiAddr)
+`, tunName, offload, fwmark, netip.AddrPortFrom(netlab.Remote4(dnsUpstreamRemote), 53), dnsCacheSize, apiAddr)
 }
 
 // startGateway starts tungate in lab.App, waits for its TUN and API and
