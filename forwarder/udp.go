@@ -115,7 +115,8 @@ func (t *UDPTable) Len() int {
 	return len(t.sessions)
 }
 
-// Handle takes one datagram from the app. It never blocks on an upstream:
+// Handle takes one datagram from the app, and keeps payload (the caller
+// must not reuse it). It never blocks on an upstream:
 // a new mapping opens its upstream session in the background and holds
 // the first datagrams until it is ready. It returns false when the
 // datagram is refused because its outbound carries no UDP (the app should
@@ -153,6 +154,7 @@ func (t *UDPTable) Handle(src, dst netip.AddrPort, payload []byte) bool {
 		}
 		s = &udpSession{table: t, key: key, src: src, dst: dst, domain: flow.Domain, release: flow.Release, dialer: d, idle: idle, ready: make(chan struct{})}
 		s.ctx, s.cancel = context.WithCancel(t.ctx)
+		s.sendq = make(chan outDatagram, sendQueueLen)
 		s.touch()
 		t.sessions[key] = s
 		t.stats.Opened.Add(1)
@@ -246,14 +248,19 @@ type udpSession struct {
 
 	mu      sync.Mutex
 	conn    outbound.PacketConn
-	pending []pendingDatagram
+	pending []outDatagram
+	sendq   chan outDatagram
 	closed  bool
 }
 
-type pendingDatagram struct {
+type outDatagram struct {
 	dst     netip.AddrPort
 	payload []byte
 }
+
+// sendQueueLen bounds the datagrams waiting for a session's sender: a
+// burst of a few hundred, at most a few MiB per session.
+const sendQueueLen = 256
 
 func (s *udpSession) touch() { s.last.Store(time.Now().UnixNano()) }
 
@@ -292,6 +299,8 @@ func (s *udpSession) open() {
 	}
 	s.pending = nil
 	s.mu.Unlock()
+	t.wg.Add(1)
+	go s.sendLoop()
 	close(s.ready)
 	t.log.Debug("udp mapping", "outbound", s.dialer.Name(), "src", s.src, "dst", s.dst)
 	s.readLoop()
@@ -303,30 +312,47 @@ func (s *udpSession) send(dst netip.AddrPort, payload []byte) {
 	s.touch()
 	select {
 	case <-s.ready:
-		s.mu.Lock()
-		conn := s.conn
-		s.mu.Unlock()
-		if conn != nil {
-			s.write(dst, payload)
-		} else {
-			s.table.stats.Dropped.Add(1)
-		}
+		s.enqueue(dst, payload)
 		return
 	default:
 	}
 	s.mu.Lock()
-	if s.conn == nil && !s.closed && len(s.pending) < pendingMax {
-		s.pending = append(s.pending, pendingDatagram{dst: dst, payload: append([]byte(nil), payload...)})
+	switch {
+	case s.conn != nil: // opened a moment ago; ready is about to close
 		s.mu.Unlock()
-		return
+		s.enqueue(dst, payload)
+	case !s.closed && len(s.pending) < pendingMax:
+		s.pending = append(s.pending, outDatagram{dst: dst, payload: payload})
+		s.mu.Unlock()
+	default:
+		s.mu.Unlock()
+		s.table.stats.Dropped.Add(1)
 	}
-	conn := s.conn
-	s.mu.Unlock()
-	if conn != nil {
-		s.write(dst, payload)
-		return
+}
+
+// enqueue hands a datagram to the session's sender goroutine, so that the
+// packet path goes on reading the TUN while the upstream send (for a direct
+// outbound, the kernel's whole UDP path) runs on another core. A full queue
+// drops, as a full socket buffer would.
+func (s *udpSession) enqueue(dst netip.AddrPort, payload []byte) {
+	select {
+	case s.sendq <- outDatagram{dst: dst, payload: payload}:
+	default:
+		s.table.stats.Dropped.Add(1)
 	}
-	s.table.stats.Dropped.Add(1)
+}
+
+// sendLoop writes queued datagrams upstream until the session closes.
+func (s *udpSession) sendLoop() {
+	defer s.table.wg.Done()
+	for {
+		select {
+		case d := <-s.sendq:
+			s.write(d.dst, d.payload)
+		case <-s.ctx.Done():
+			return
+		}
+	}
 }
 
 func (s *udpSession) write(dst netip.AddrPort, payload []byte) {

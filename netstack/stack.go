@@ -26,8 +26,8 @@ import (
 // Config.MaxInFlight.
 //
 // HandleUDP is called on the packet path for every datagram the app sends;
-// it must not block. payload is valid only during the call. Returning false
-// refuses the datagram: the app gets ICMP port unreachable.
+// it must not block. payload is a fresh copy the handler may keep.
+// Returning false refuses the datagram: the app gets ICMP port unreachable.
 type Handler interface {
 	HandleTCP(r *TCPRequest)
 	HandleUDP(src, dst netip.AddrPort, payload []byte) bool
