@@ -3,8 +3,9 @@ package socks5
 import (
 	"errors"
 	"fmt"
-	"net"
 	"net/netip"
+
+	"github.com/tungate/tungate/outbound"
 )
 
 // Config configures a SOCKS5 outbound.
@@ -22,34 +23,11 @@ type Config struct {
 	UDP bool
 }
 
-// parseAddress returns the proxy's address, or an error saying what is
-// wrong with it.
-func parseAddress(s string) (netip.AddrPort, error) {
-	ap, err := netip.ParseAddrPort(s)
-	if err != nil {
-		host, _, serr := net.SplitHostPort(s)
-		if serr != nil {
-			return netip.AddrPort{}, fmt.Errorf("address %q: want host:port: %w", s, serr)
-		}
-		if _, aerr := netip.ParseAddr(host); aerr != nil {
-			return netip.AddrPort{}, fmt.Errorf("address %q: the host must be an IP address (names are not resolved)", s)
-		}
-		return netip.AddrPort{}, fmt.Errorf("address %q: %w", s, err)
-	}
-	if ap.Port() == 0 {
-		return netip.AddrPort{}, fmt.Errorf("address %q: port 0", s)
-	}
-	if ap.Addr().IsUnspecified() {
-		return netip.AddrPort{}, fmt.Errorf("address %q: unspecified host", s)
-	}
-	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), nil
-}
-
 func (c Config) validate() (netip.AddrPort, error) {
 	if c.Name == "" {
 		return netip.AddrPort{}, errors.New("empty name")
 	}
-	server, err := parseAddress(c.Address)
+	server, err := outbound.ParseProxyAddress(c.Address)
 	if err != nil {
 		return netip.AddrPort{}, err
 	}
