@@ -1,19 +1,21 @@
 // Package sysroute is tungate's integration with the host's routing: on
 // Linux it installs a routing table with default routes into the TUN and a
 // band of ip rules that sends traffic there (auto-route), selects apps by
-// uid, blocks the leaks that route.strict names, and removes exactly what it
-// added on exit. Every change is recorded in a journal before it is made, so
+// uid and by cgroup (marking their packets in an nftables table of its
+// own, see cgroup.go), blocks the leaks that route.strict names, and
+// removes exactly what it added on exit. Every change is recorded in a journal before it is made, so
 // that what a killed tungate left behind is removed at the next start or by
 // `tungate cleanup`; everything it creates is tagged (rule and route
-// protocol ProtoTungate, its own priority band and table) so that cleaning
-// up never touches anyone else's state.
+// protocol ProtoTungate, its own priority band and table, the nftables
+// table's name "tungateTABLE") so that cleaning up never touches anyone
+// else's state.
 //
 // It also recognises routing loops: flows that tungate's own outbound
 // sockets sent back into the TUN (LoopDetector).
 //
 // It does not open the TUN (package tun), choose outbounds (router) or
-// relay anything (forwarder). Selection by cgroup, following the default
-// interface, the system resolver and macOS routes are later steps.
+// relay anything (forwarder). Following the default interface and macOS
+// routes are later steps.
 //
 // # Routes and rules
 //
@@ -30,8 +32,13 @@
 //	                            finds no route would fall through to the TUN)
 //	uidrange U goto END         route.exclude_uids: these apps keep the host's
 //	                            routing
+//	fwmark 0x2e9 goto END       route.exclude_cgroups: so do these cgroups'
+//	                            (CgroupExcludeMark, set by tungate's nftables
+//	                            table)
 //	uidrange U goto SEL         route.include_uids: these apps are selected…
-//	goto END                    …and every other uid keeps the host's routing
+//	fwmark 0x2e8 goto SEL       route.include_cgroups: …and these cgroups'
+//	                            (CgroupIncludeMark)…
+//	goto END                    …and everything else keeps the host's routing
 //	SEL: ipproto udp dport 53 lookup TABLE
 //	     ipproto tcp dport 53 lookup TABLE
 //	                            route.strict: DNS to any resolver, even one on

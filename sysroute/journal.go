@@ -17,7 +17,8 @@ import (
 //	{"op":"begin","pid":…,"netns":"…","table":2022,"first":9000,"last":9003}
 //	{"op":"add","seq":1,"route":{…}}
 //	{"op":"add","seq":2,"rule":{…}}
-//	{"op":"abort","seq":2}          the add failed: nothing to undo for it
+//	{"op":"add","seq":3,"nftable":{"family":"inet","name":"tungate2022"}}
+//	{"op":"abort","seq":3}          the add failed: nothing to undo for it
 //
 // A tungate that was killed leaves it behind; the next Install (or
 // Cleanup) deletes every added object that was not aborted, newest first,
@@ -49,8 +50,9 @@ type record struct {
 	Last  int    `json:"last,omitempty"`
 
 	// add: exactly one of these.
-	Route *route `json:"route,omitempty"`
-	Rule  *rule  `json:"rule,omitempty"`
+	Route   *route    `json:"route,omitempty"`
+	Rule    *rule     `json:"rule,omitempty"`
+	NFTable *nftTable `json:"nftable,omitempty"`
 }
 
 // ErrJournalBusy is returned when another live tungate holds the journal.
@@ -124,11 +126,11 @@ func (j *journal) sync() error {
 	return nil
 }
 
-// add records that obj (a route or rule) is about to be added and returns
-// the record's sequence number, for abort.
-func (j *journal) add(rt *route, ru *rule) (int, error) {
+// add records that e (a route, rule or nftables table) is about to be
+// added and returns the record's sequence number, for abort.
+func (j *journal) add(e journalEntry) (int, error) {
 	j.seq++
-	return j.seq, j.append(record{Op: opAdd, Seq: j.seq, Route: rt, Rule: ru})
+	return j.seq, j.append(record{Op: opAdd, Seq: j.seq, Route: e.Route, Rule: e.Rule, NFTable: e.NFTable})
 }
 
 // abort records that the add with sequence seq failed.
@@ -157,17 +159,34 @@ func (j *journal) close() {
 	}
 }
 
-// journalEntry is one added object to undo.
+// journalEntry is one added object to undo: exactly one of the fields is
+// set.
 type journalEntry struct {
-	Route *route
-	Rule  *rule
+	Route   *route
+	Rule    *rule
+	NFTable *nftTable
 }
 
 func (e journalEntry) String() string {
-	if e.Route != nil {
+	switch {
+	case e.Route != nil:
 		return "route " + e.Route.String()
+	case e.Rule != nil:
+		return "rule " + e.Rule.String()
+	default:
+		return e.NFTable.String()
 	}
-	return "rule " + e.Rule.String()
+}
+
+// objects counts the entry's set fields (1 in a valid entry).
+func (e journalEntry) objects() int {
+	n := 0
+	for _, set := range []bool{e.Route != nil, e.Rule != nil, e.NFTable != nil} {
+		if set {
+			n++
+		}
+	}
+	return n
 }
 
 // parsedJournal is what a journal file says was done.
@@ -211,11 +230,12 @@ func parseJournal(data []byte) parsedJournal {
 				p.Begin = &b
 			}
 		case opAdd:
-			if (rec.Route == nil) == (rec.Rule == nil) {
-				p.Problems = append(p.Problems, fmt.Sprintf("line %d: an add record needs exactly one route or rule", i+1))
+			e := journalEntry{Route: rec.Route, Rule: rec.Rule, NFTable: rec.NFTable}
+			if e.objects() != 1 {
+				p.Problems = append(p.Problems, fmt.Sprintf("line %d: an add record needs exactly one route, rule or nftable", i+1))
 				continue
 			}
-			adds = append(adds, pending{rec.Seq, journalEntry{Route: rec.Route, Rule: rec.Rule}})
+			adds = append(adds, pending{rec.Seq, e})
 		case opAbort:
 			aborted[rec.Seq] = true
 		default:

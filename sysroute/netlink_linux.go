@@ -6,9 +6,11 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"os"
 	"sync"
 	"time"
 
+	"github.com/google/nftables"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -18,12 +20,17 @@ import (
 // fails the call instead of hanging start or shutdown.
 const netlinkTimeout = 10 * time.Second
 
-// netlinkKernel is the kernel interface over rtnetlink, bound to one
-// network namespace for its whole life.
+// netlinkKernel is the kernel interface over rtnetlink (and nftables for
+// the cgroup marks), bound to one network namespace for its whole life.
 type netlinkKernel struct {
-	h    *netlink.Handle
-	ns   string
-	once sync.Once
+	h      *netlink.Handle
+	ns     string
+	nsPath string // "" = the calling thread's namespace
+	once   sync.Once
+
+	nftMu  sync.Mutex
+	nft    *nftables.Conn // see nftConn
+	nsFile *os.File
 }
 
 // newNetlinkKernel opens a netlink handle in the namespace at nsPath ("" =
@@ -58,7 +65,7 @@ func newNetlinkKernel(nsPath string) (*netlinkKernel, error) {
 		h.Close()
 		return nil, fmt.Errorf("auto-route: netlink: %w", err)
 	}
-	return &netlinkKernel{h: h, ns: id}, nil
+	return &netlinkKernel{h: h, ns: id, nsPath: nsPath}, nil
 }
 
 // nsIdentity names a network namespace by its nsfs device and inode.
@@ -73,7 +80,10 @@ func nsIdentity(path string) (string, error) {
 func (k *netlinkKernel) NetNS() string { return k.ns }
 
 func (k *netlinkKernel) Close() error {
-	k.once.Do(k.h.Close)
+	k.once.Do(func() {
+		k.h.Close()
+		k.closeNFT()
+	})
 	return nil
 }
 

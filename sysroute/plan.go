@@ -49,9 +49,16 @@ type Config struct {
 	// IncludeUIDs, when set, limits the TUN to these uids' traffic;
 	// ExcludeUIDs' traffic bypasses it (exclusion wins).
 	IncludeUIDs, ExcludeUIDs []configs.UIDRange
-	// IncludeCgroups and ExcludeCgroups are not supported yet: Install
-	// fails if either is set.
+	// IncludeCgroups, when set, limits the TUN to the traffic of sockets
+	// created in these cgroups (or below them); ExcludeCgroups' traffic
+	// bypasses it (exclusion wins, over uids too). Paths are cgroup v2
+	// paths relative to the hierarchy's root ("user.slice/app.slice"), as
+	// /proc/PID/cgroup shows them ("/user.slice/app.slice"), or absolute
+	// under its mount point. See cgroup.go.
 	IncludeCgroups, ExcludeCgroups []string
+	// CgroupRoot is the cgroup v2 hierarchy's mount point; "" finds it in
+	// /proc/self/mountinfo. (Tests set it.)
+	CgroupRoot string
 	// ExcludeAddresses never enter the TUN (except port-53 traffic under
 	// Strict).
 	ExcludeAddresses []netip.Prefix
@@ -64,10 +71,6 @@ type Config struct {
 	// /run/netns/NAME); "" is the caller's own. Tests always set it.
 	NetNS string
 }
-
-// ErrCgroupsUnsupported is returned by Install for route.include_cgroups
-// and route.exclude_cgroups.
-var ErrCgroupsUnsupported = errors.New("route.include_cgroups/route.exclude_cgroups: selection by cgroup is not supported yet; select apps by uid (route.include_uids/exclude_uids) for now")
 
 // family is 4 or 6.
 type family int
@@ -199,9 +202,6 @@ func defaultPrefix(f family) netip.Prefix {
 // validate checks what Install needs, naming the configuration key of each
 // problem.
 func (c *Config) validate() error {
-	if len(c.IncludeCgroups) > 0 || len(c.ExcludeCgroups) > 0 {
-		return ErrCgroupsUnsupported
-	}
 	switch {
 	case c.Table <= 0:
 		return fmt.Errorf("route.table must be greater than 0, got %d", c.Table)
@@ -220,6 +220,13 @@ func (c *Config) validate() error {
 	for _, p := range c.ExcludeAddresses {
 		if !p.IsValid() {
 			return errors.New("route.exclude_addresses has an invalid CIDR")
+		}
+	}
+	if c.byCgroup() {
+		for _, m := range c.marks() {
+			if m == CgroupIncludeMark || m == CgroupExcludeMark {
+				return fmt.Errorf("outbounds: fwmark %#x is a mark tungate sets on the traffic of route.include_cgroups (%#x) and route.exclude_cgroups (%#x); give the outbound another fwmark", m, CgroupIncludeMark, CgroupExcludeMark)
+			}
 		}
 	}
 	return nil
@@ -306,13 +313,21 @@ func familyBand(c Config, f family) []rule {
 		add(rule{Action: actGoto, Goto: labelEnd, UIDs: &uidRange{u.From, u.To},
 			Why: "route.exclude_uids: keeps the host's routing"})
 	}
-	if len(c.IncludeUIDs) > 0 {
+	if len(c.ExcludeCgroups) > 0 {
+		add(rule{Action: actGoto, Goto: labelEnd, FWMark: CgroupExcludeMark,
+			Why: "route.exclude_cgroups (marked by tungate's nftables table): keep the host's routing"})
+	}
+	if len(c.IncludeUIDs) > 0 || len(c.IncludeCgroups) > 0 {
 		for _, u := range c.IncludeUIDs {
 			add(rule{Action: actGoto, Goto: labelSel, UIDs: &uidRange{u.From, u.To},
 				Why: "route.include_uids: selected"})
 		}
+		if len(c.IncludeCgroups) > 0 {
+			add(rule{Action: actGoto, Goto: labelSel, FWMark: CgroupIncludeMark,
+				Why: "route.include_cgroups (marked by tungate's nftables table): selected"})
+		}
 		add(rule{Action: actGoto, Goto: labelEnd,
-			Why: "route.include_uids: every other uid keeps the host's routing"})
+			Why: "route.include_uids/include_cgroups: everything not selected keeps the host's routing"})
 	}
 	sel := len(rs)
 	if c.Strict {

@@ -1,7 +1,6 @@
 package sysroute
 
 import (
-	"errors"
 	"net/netip"
 	"slices"
 	"strings"
@@ -162,6 +161,56 @@ func TestPlan(t *testing.T) {
 			),
 		},
 		{
+			name:   "include cgroups: only marked traffic is selected",
+			change: func(c *Config) { c.IncludeCgroups = []string{"user.slice/app.slice", "system.slice/x.service"} },
+			routes: []string{"ipv4 default dev tg0 table 2022", "ipv6 default dev tg0 table 2022"},
+			rules: both(
+				"9000: from all fwmark 0x2e7 goto 9005",
+				"9001: from all fwmark 0x2e8 goto 9003",
+				"9002: from all goto 9005",
+				"9003: from all lookup main suppress_prefixlength 0",
+				"9004: from all lookup 2022",
+				"9005: from all nop",
+			),
+		},
+		{
+			name:   "exclude cgroups: marked traffic skips the band",
+			change: func(c *Config) { c.ExcludeCgroups = []string{"user.slice/app.slice/firefox.scope"} },
+			routes: []string{"ipv4 default dev tg0 table 2022", "ipv6 default dev tg0 table 2022"},
+			rules: both(
+				"9000: from all fwmark 0x2e7 goto 9004",
+				"9001: from all fwmark 0x2e9 goto 9004",
+				"9002: from all lookup main suppress_prefixlength 0",
+				"9003: from all lookup 2022",
+				"9004: from all nop",
+			),
+		},
+		{
+			name: "cgroups and uids, strict: exclusions first, then the selections (either selects)",
+			change: func(c *Config) {
+				c.TunAddrs = prefixes("172.19.0.1/30")
+				c.Strict = true
+				c.IncludeUIDs = []configs.UIDRange{{From: 1000, To: 1000}}
+				c.ExcludeUIDs = []configs.UIDRange{{From: 1001, To: 1001}}
+				c.IncludeCgroups = []string{"user.slice"}
+				c.ExcludeCgroups = []string{"user.slice/app.slice/firefox.scope"}
+			},
+			routes: []string{"ipv4 default dev tg0 table 2022", "ipv6 unreachable default table 2022"},
+			rules: both(
+				"9000: from all fwmark 0x2e7 goto 9010",
+				"9001: from all uidrange 1001-1001 goto 9010",
+				"9002: from all fwmark 0x2e9 goto 9010",
+				"9003: from all uidrange 1000-1000 goto 9006",
+				"9004: from all fwmark 0x2e8 goto 9006",
+				"9005: from all goto 9010",
+				"9006: from all ipproto udp dport 53 lookup 2022",
+				"9007: from all ipproto tcp dport 53 lookup 2022",
+				"9008: from all lookup main suppress_prefixlength 0",
+				"9009: from all lookup 2022",
+				"9010: from all nop",
+			),
+		},
+		{
 			name:   "every outbound mark excluded, zeros and repeats dropped",
 			change: func(c *Config) { c.FWMarks = []uint32{0, 0x2e7, 0x100, 0x2e7} },
 			routes: []string{"ipv4 default dev tg0 table 2022", "ipv6 default dev tg0 table 2022"},
@@ -224,8 +273,14 @@ func TestPlanErrors(t *testing.T) {
 		change func(*Config)
 		want   string
 	}{
-		{"cgroups", func(c *Config) { c.IncludeCgroups = []string{"user.slice"} }, "not supported yet"},
-		{"exclude cgroups", func(c *Config) { c.ExcludeCgroups = []string{"system.slice"} }, "not supported yet"},
+		{"outbound mark is the cgroup include mark", func(c *Config) {
+			c.IncludeCgroups = []string{"user.slice"}
+			c.FWMarks = []uint32{0x2e7, CgroupIncludeMark}
+		}, "fwmark 0x2e8 is a mark tungate sets"},
+		{"outbound mark is the cgroup exclude mark", func(c *Config) {
+			c.ExcludeCgroups = []string{"user.slice"}
+			c.FWMarks = []uint32{CgroupExcludeMark}
+		}, "fwmark 0x2e9 is a mark tungate sets"},
 		{"band past the main rule", func(c *Config) { c.Priority = 32763 }, "leaves no room"},
 		{"no tun address", func(c *Config) { c.TunAddrs = nil }, "no address"},
 		{"main table", func(c *Config) { c.Table = 254 }, "reserved"},
@@ -243,10 +298,11 @@ func TestPlanErrors(t *testing.T) {
 			}
 		})
 	}
+	// Without cgroups, those marks are an outbound's to use.
 	c := baseConfig()
-	c.ExcludeCgroups = []string{"x"}
-	if _, _, err := plan(c); !errors.Is(err, ErrCgroupsUnsupported) {
-		t.Errorf("plan with cgroups: %v, want ErrCgroupsUnsupported", err)
+	c.FWMarks = []uint32{CgroupIncludeMark}
+	if _, _, err := plan(c); err != nil {
+		t.Errorf("plan with fwmark %#x and no cgroups: %v", CgroupIncludeMark, err)
 	}
 }
 

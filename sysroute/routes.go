@@ -11,14 +11,21 @@ import (
 
 // kernel is the routing state tungate changes: netlink on Linux, a fake in
 // tests. Every rule and route it adds carries ProtoTungate, and every
-// delete asks for ProtoTungate, so it can only ever delete tungate's own.
+// delete asks for ProtoTungate, so it can only ever delete tungate's own;
+// its nftables table has a name of its own (nftTableName).
 type kernel interface {
 	AddRoute(route) error
-	// DelRoute and DelRule return an error satisfying errors.Is(err,
-	// errNotFound) when there is nothing to delete.
+	// DelRoute, DelRule and DelNFTable return an error satisfying
+	// errors.Is(err, errNotFound) when there is nothing to delete.
 	DelRoute(route) error
 	AddRule(rule) error
 	DelRule(rule) error
+	// AddNFTable creates the table with its chains and rules in one
+	// transaction (t.spec says what they are); it fails if a table of that
+	// name exists. DelNFTable deletes the table by family and name, with
+	// everything in it.
+	AddNFTable(t nftTable) error
+	DelNFTable(t nftTable) error
 	// Rules lists every rule of a family (with Proto set).
 	Rules(family) ([]rule, error)
 	// Routes lists every route of a family in table (with Proto set).
@@ -80,6 +87,12 @@ func install(c Config, k kernel, log *slog.Logger) (*Routes, error) {
 	if err != nil {
 		return nil, err
 	}
+	// Cgroups are looked up before anything changes: a missing one fails
+	// the start with nothing to undo.
+	table, err := cgroupTable(c)
+	if err != nil {
+		return nil, err
+	}
 	j, err := openJournal(c.Journal)
 	if err != nil {
 		return nil, err
@@ -98,6 +111,11 @@ func install(c Config, k kernel, log *slog.Logger) (*Routes, error) {
 	}
 	r := &Routes{log: log, k: k, j: j, first: first, last: last}
 	err = j.append(record{Op: opBegin, PID: os.Getpid(), NetNS: k.NetNS(), Table: c.Table, First: first, Last: last})
+	if err == nil && table != nil {
+		// Before the rules: marks that no rule looks at yet change
+		// nothing, and every exception is in place before the catch-all.
+		err = r.add(journalEntry{NFTable: table})
+	}
 	for i := 0; err == nil && i < len(routes); i++ {
 		err = r.add(journalEntry{Route: &routes[i]})
 	}
@@ -112,6 +130,9 @@ func install(c Config, k kernel, log *slog.Logger) (*Routes, error) {
 			log.Error("auto-route: undoing a failed install", "err", uerr, "journal", c.Journal)
 		}
 		return nil, err
+	}
+	if table != nil {
+		logCgroups(log, table)
 	}
 	return r, nil
 }
@@ -138,14 +159,17 @@ func addOrder(rules []rule) []rule {
 
 // add journals e, then makes it.
 func (r *Routes) add(e journalEntry) error {
-	seq, err := r.j.add(e.Route, e.Rule)
+	seq, err := r.j.add(e)
 	if err != nil {
 		return err
 	}
-	if e.Route != nil {
+	switch {
+	case e.Route != nil:
 		err = r.k.AddRoute(*e.Route)
-	} else {
+	case e.Rule != nil:
 		err = r.k.AddRule(*e.Rule)
+	default:
+		err = r.k.AddNFTable(*e.NFTable)
 	}
 	if err != nil {
 		// Not made, so not ours to delete later (an identical object may
@@ -162,9 +186,9 @@ func (r *Routes) add(e journalEntry) error {
 	return nil
 }
 
-// Close removes every rule and route Install made, newest first, then the
-// journal. Objects already gone (the TUN's routes vanish with the device)
-// are not an error. If something cannot be removed, the journal stays for
+// Close removes every rule and route Install made, and its nftables table,
+// newest first, then the journal. Objects already gone (the TUN's routes
+// vanish with the device) are not an error. If something cannot be removed, the journal stays for
 // the next start or `tungate cleanup`, and the error says what. Close is
 // idempotent: later calls return the first call's result.
 func (r *Routes) Close() error {
@@ -193,12 +217,7 @@ func (r *Routes) Close() error {
 func undo(k kernel, entries []journalEntry, log *slog.Logger) []error {
 	var errs []error
 	for _, e := range slices.Backward(entries) {
-		var err error
-		if e.Route != nil {
-			err = k.DelRoute(*e.Route)
-		} else {
-			err = k.DelRule(*e.Rule)
-		}
+		err := delEntry(k, e)
 		switch {
 		case err == nil:
 			log.Debug("auto-route: removed", "what", e.String())
@@ -211,9 +230,22 @@ func undo(k kernel, entries []journalEntry, log *slog.Logger) []error {
 	return errs
 }
 
+// delEntry deletes the object of e.
+func delEntry(k kernel, e journalEntry) error {
+	switch {
+	case e.Route != nil:
+		return k.DelRoute(*e.Route)
+	case e.Rule != nil:
+		return k.DelRule(*e.Rule)
+	default:
+		return k.DelNFTable(*e.NFTable)
+	}
+}
+
 // cleanLocked removes what an earlier run left: first the objects its
 // journal lists, then (a safety net for a lost journal) any rule tagged
-// ProtoTungate in the band and any route tagged ProtoTungate in the table.
+// ProtoTungate in the band, any route tagged ProtoTungate in the table and
+// the nftables table named after it.
 // It empties the journal and returns how many objects it removed.
 func cleanLocked(c Config, k kernel, j *journal, log *slog.Logger) (int, error) {
 	data, err := j.read()
@@ -242,12 +274,7 @@ func cleanLocked(c Config, k kernel, j *journal, log *slog.Logger) (int, error) 
 	})
 	var errs []error
 	for _, e := range slices.Backward(entries) {
-		var err error
-		if e.Route != nil {
-			err = k.DelRoute(*e.Route)
-		} else {
-			err = k.DelRule(*e.Rule)
-		}
+		err := delEntry(k, e)
 		switch {
 		case err == nil:
 			removed++
@@ -272,10 +299,13 @@ func cleanLocked(c Config, k kernel, j *journal, log *slog.Logger) (int, error) 
 // run recorded (a guard against a damaged or foreign file).
 func ownedEntry(e journalEntry, begin *record) bool {
 	if begin == nil {
-		return true
+		return e.NFTable == nil || e.NFTable.owned(0)
 	}
 	if e.Route != nil {
 		return e.Route.Table == begin.Table
+	}
+	if e.NFTable != nil {
+		return e.NFTable.owned(begin.Table)
 	}
 	ru := e.Rule
 	if ru.Priority < begin.First || ru.Priority > begin.Last {
@@ -284,7 +314,8 @@ func ownedEntry(e journalEntry, begin *record) bool {
 	return ru.Table == 0 || ru.Table == begin.Table || ru.Table == tableMain
 }
 
-// sweep deletes what carries tungate's tag within c's band and table.
+// sweep deletes what carries tungate's tag within c's band and table, and
+// the nftables table named after c's table.
 func sweep(c Config, k kernel, log *slog.Logger) (int, error) {
 	first, last := sweepBand(c)
 	removed := 0
@@ -325,6 +356,16 @@ func sweep(c Config, k kernel, log *slog.Logger) (int, error) {
 			removed++
 			log.Info("auto-route: removed a leftover route of an earlier run", "family", f, "route", rt.String())
 		}
+	}
+	// The table last, as it was made first.
+	nt := nftTable{Family: nftFamily, Name: nftTableName(c.Table)}
+	switch err := k.DelNFTable(nt); {
+	case err == nil:
+		removed++
+		log.Info("auto-route: removed a leftover nftables table of an earlier run", "table", nt.String())
+	case errors.Is(err, errNotFound):
+	default:
+		errs = append(errs, fmt.Errorf("remove leftover %s: %w", nt, err))
 	}
 	return removed, errors.Join(errs...)
 }

@@ -23,6 +23,7 @@ type fakeKernel struct {
 
 	rules  []rule
 	routes []route
+	tables []nftTable
 	// failAdd makes the n-th add (1-based, rules and routes counted
 	// together) fail; failDel makes deletes of matching objects fail.
 	failAdd int
@@ -35,7 +36,7 @@ func newFakeKernel(t *testing.T) *fakeKernel { return &fakeKernel{t: t, ns: "1:1
 
 // checkJournaled fails the test unless the journal's last line is the add
 // record of what is being added (the write-ahead rule).
-func (k *fakeKernel) checkJournaled(rt *route, ru *rule) {
+func (k *fakeKernel) checkJournaled(rt *route, ru *rule, nt ...*nftTable) {
 	if k.journal == "" {
 		return
 	}
@@ -51,6 +52,9 @@ func (k *fakeKernel) checkJournaled(rt *route, ru *rule) {
 		return
 	}
 	want := record{Op: opAdd, Seq: rec.Seq, Route: rt, Rule: ru}
+	if len(nt) > 0 {
+		want.NFTable = nt[0]
+	}
 	got, _ := json.Marshal(rec)
 	w, _ := json.Marshal(want)
 	if !bytes.Equal(got, w) {
@@ -118,6 +122,39 @@ func (k *fakeKernel) DelRule(r rule) error {
 	return fmt.Errorf("%w: no such rule", errNotFound)
 }
 
+func (k *fakeKernel) AddNFTable(t nftTable) error {
+	k.checkJournaled(nil, nil, &t)
+	if k.addFails() {
+		return errors.New("injected failure")
+	}
+	if t.spec == nil {
+		k.t.Errorf("AddNFTable(%s) without a spec", t)
+	}
+	for _, o := range k.tables {
+		if o.Family == t.Family && o.Name == t.Name {
+			return errors.New("file exists")
+		}
+	}
+	t.spec = nil
+	k.tables = append(k.tables, t)
+	k.log = append(k.log, "add "+t.String())
+	return nil
+}
+
+func (k *fakeKernel) DelNFTable(t nftTable) error {
+	if k.failDel != nil && k.failDel(t.String()) {
+		return errors.New("injected failure")
+	}
+	for i, o := range k.tables {
+		if o.Family == t.Family && o.Name == t.Name {
+			k.tables = slices.Delete(k.tables, i, i+1)
+			k.log = append(k.log, "del "+t.String())
+			return nil
+		}
+	}
+	return fmt.Errorf("%w: no such table", errNotFound)
+}
+
 func (k *fakeKernel) Rules(f family) ([]rule, error) {
 	var out []rule
 	for _, r := range k.rules {
@@ -148,6 +185,9 @@ func (k *fakeKernel) state() string {
 	}
 	for _, r := range k.rules {
 		fmt.Fprintf(&b, "rule %s %s proto %d\n", r.Family, r, r.Proto)
+	}
+	for _, t := range k.tables {
+		fmt.Fprintf(&b, "%s\n", t)
 	}
 	return b.String()
 }

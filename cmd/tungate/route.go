@@ -2,7 +2,9 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"log/slog"
 	"strings"
 
 	"github.com/tungate/tungate/configs"
@@ -13,7 +15,14 @@ import (
 
 // installedRoutes is what installRoutes leaves for removeRoutes to undo
 // (the gateway's routes field).
-type installedRoutes = *sysroute.Routes
+type installedRoutes = *systemState
+
+// systemState is tungate's changes to the host: routes and rules
+// (route.auto) and the system resolver (route.set_system_dns).
+type systemState struct {
+	routes *sysroute.Routes
+	dns    *sysroute.SystemDNS
+}
 
 // ownMarks returns the fwmarks on tungate's own upstream sockets — every
 // direct outbound's, and the proxy transport's (the first direct
@@ -61,13 +70,26 @@ func routeConfig(cfg *configs.Config, tunName string) sysroute.Config {
 // installRoutes sets up the OS routing that sends traffic into the TUN
 // (route.auto): it removes what a killed earlier run left, then installs
 // tungate's table and rules (see sysroute).
+//
+// With route.set_system_dns it then points the system resolver at
+// dns.listen (see sysroute.SetSystemDNS).
 func (g *gateway) installRoutes(cfg *configs.Config) error {
+	if g.routes == nil {
+		g.routes = &systemState{}
+	}
+	if cfg.Route.Auto {
+		if err := g.installAutoRoute(cfg); err != nil {
+			return err
+		}
+	}
 	if cfg.Route.SetSystemDNS {
-		g.log.Warn("route.set_system_dns is not supported yet; point the system resolver at dns.listen yourself", "dns.listen", cfg.DNS.Listen)
+		return g.setSystemDNS(cfg)
 	}
-	if !cfg.Route.Auto {
-		return nil
-	}
+	return nil
+}
+
+// installAutoRoute installs tungate's table and rules.
+func (g *gateway) installAutoRoute(cfg *configs.Config) error {
 	for i, o := range cfg.Outbounds {
 		if o.Type == configs.OutboundDirect && o.FWMark == 0 && o.Interface == "" {
 			g.log.Warn("auto-route: this outbound's sockets carry no fwmark and are bound to no interface, so its traffic comes back into the TUN; set its fwmark",
@@ -79,7 +101,7 @@ func (g *gateway) installRoutes(cfg *configs.Config) error {
 	if err != nil {
 		return err
 	}
-	g.routes = r
+	g.routes.routes = r
 	first, last := r.Band()
 	marks := make([]string, len(rc.FWMarks))
 	for i, m := range rc.FWMarks {
@@ -93,12 +115,69 @@ func (g *gateway) installRoutes(cfg *configs.Config) error {
 	return nil
 }
 
-// removeRoutes undoes installRoutes; it is called first on shutdown.
+// systemDNSConfig is the sysroute configuration of route.set_system_dns.
+func systemDNSConfig(cfg *configs.Config, tunName string) sysroute.SystemDNSConfig {
+	return sysroute.SystemDNSConfig{
+		Server:  cfg.DNS.Listen,
+		Link:    tunName,
+		Journal: sysroute.SystemDNSJournal(cfg.Route.Journal),
+	}
+}
+
+// setSystemDNS points the system resolver at dns.listen.
+func (g *gateway) setSystemDNS(cfg *configs.Config) error {
+	switch {
+	case !cfg.DNS.Enabled:
+		return errors.New("route.set_system_dns needs dns.enabled: nothing would answer at dns.listen")
+	case !cfg.DNS.Listen.IsValid():
+		return errors.New("route.set_system_dns needs dns.listen: the address handed to the system resolver")
+	case cfg.Route.Journal == "":
+		return errors.New("route.set_system_dns needs route.journal: the original resolver is journaled beside it before it is changed")
+	}
+	dc := systemDNSConfig(cfg, g.dev.Name())
+	d, err := sysroute.SetSystemDNS(dc, g.log.With("component", "sysdns"))
+	if err != nil {
+		return err
+	}
+	g.routes.dns = d
+	g.log.Info("system DNS set", "server", dc.Server, "way", d.Way(), "journal", dc.Journal)
+	return nil
+}
+
+// recoverSystemDNS restores the system resolver that a killed earlier
+// run pointed at itself, by its journal (whether or not
+// route.set_system_dns is still on). It runs before anything reads the
+// system resolvers: the default dns.upstreams are read from
+// /etc/resolv.conf, which would otherwise name tungate itself.
+func recoverSystemDNS(cfg *configs.Config, log *slog.Logger) error {
+	n, err := sysroute.RestoreSystemDNS(sysroute.SystemDNSJournal(cfg.Route.Journal), log.With("component", "sysdns"))
+	if err != nil {
+		return err
+	}
+	if n > 0 {
+		log.Info("system DNS: restored the resolver a killed earlier run had changed")
+	}
+	return nil
+}
+
+// removeRoutes undoes installRoutes, resolver first; it is called first
+// on shutdown.
 func (g *gateway) removeRoutes() {
 	if g.routes == nil {
 		return
 	}
-	if err := g.routes.Close(); err != nil {
+	if d := g.routes.dns; d != nil {
+		if err := d.Close(); err != nil {
+			g.log.Error("system DNS: restoring the resolver", "err", err)
+		} else {
+			g.log.Info("system DNS restored")
+		}
+	}
+	r := g.routes.routes
+	if r == nil {
+		return
+	}
+	if err := r.Close(); err != nil {
 		g.log.Error("auto-route: removing routes and rules", "err", err)
 		return
 	}

@@ -124,6 +124,9 @@ func buildOutbounds(cfg *configs.Config, resolver outbound.Resolver, log *slog.L
 }
 
 func start(cfg *configs.Config, log *slog.Logger) (g *gateway, err error) {
+	if err := recoverSystemDNS(cfg, log); err != nil {
+		return nil, err
+	}
 	var resolver lateResolver
 	dialers, err := buildOutbounds(cfg, &resolver, log)
 	if err != nil {
