@@ -10,8 +10,9 @@ import (
 )
 
 // newCleanupCmd is `tungate cleanup`: by hand, what every start does
-// first — remove the routes and rules a killed tungate left behind, by its
-// journal (route.journal) and by tungate's tag in its band and table.
+// first — restore the system resolver and remove the routes, rules and nft
+// table a killed tungate left behind, by its journals (route.journal) and
+// by tungate's tag in its band and table.
 func newCleanupCmd() *cobra.Command {
 	var path string
 	cmd := &cobra.Command{
@@ -24,13 +25,17 @@ func newCleanupCmd() *cobra.Command {
 				return err
 			}
 			log := newLogger(cfg.Log)
+			restored, err := sysroute.RestoreSystemDNS(sysroute.SystemDNSJournal(cfg.Route.Journal), log)
+			if err != nil {
+				return err
+			}
 			rc := routeConfig(cfg, cfg.Tun.Name)
 			n, err := sysroute.Cleanup(rc, log)
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "tungate cleanup: removed %d rules and routes (route.table %d, rules from priority %d, journal %s)\n",
-				n, rc.Table, rc.Priority, rc.Journal)
+			fmt.Fprintf(cmd.OutOrStdout(), "tungate cleanup: removed %d rules, routes and nft tables (route.table %d, rules from priority %d, journal %s); restored %d resolver settings\n",
+				n, rc.Table, rc.Priority, rc.Journal, restored)
 			return nil
 		},
 	}

@@ -58,6 +58,14 @@ func systemUpstreams(cfg *configs.Config) ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
+	// systemd-resolved's stub (127.0.0.53) would hand tungate's own
+	// queries back to the resolver tungate may have become: ask the
+	// servers resolved itself uses.
+	if onlyResolvedStub(ups) {
+		if resolved, err := dnsproxy.SystemUpstreams("/run/systemd/resolve/resolv.conf"); err == nil {
+			ups = resolved
+		}
+	}
 	own := map[netip.Addr]bool{cfg.DNS.Listen: true}
 	for _, p := range cfg.Tun.Address {
 		own[p.Addr()] = true
@@ -93,4 +101,14 @@ func (r *lateResolver) Resolve(ctx context.Context, name string, ipv6 bool) ([]n
 		return nil, fmt.Errorf("dns proxy not running")
 	}
 	return p.Resolve(ctx, name, ipv6)
+}
+
+func onlyResolvedStub(ups []string) bool {
+	for _, u := range ups {
+		up, err := dnsproxy.ParseUpstream(u)
+		if err != nil || up.Addr.Addr() != netip.AddrFrom4([4]byte{127, 0, 0, 53}) && up.Addr.Addr() != netip.AddrFrom4([4]byte{127, 0, 0, 54}) {
+			return false
+		}
+	}
+	return len(ups) > 0
 }
