@@ -302,7 +302,7 @@ func TestCleanupAfterKill(t *testing.T) {
 	}
 
 	out := lab.App.MustRun(t, tungateBin, "cleanup", "--config", path)
-	if !strings.Contains(out, "removed 13 rules and routes") {
+	if !strings.Contains(out, "removed 13 rules, routes and nft tables") {
 		t.Errorf("tungate cleanup said:\n%s\nwant it to count 12 rules and the unreachable route", out)
 	}
 	waitState(t, lab.App, before, "after tungate cleanup")
