@@ -3,8 +3,6 @@
 package bench
 
 import (
-	"bufio"
-	"context"
 	"fmt"
 	"net"
 	"net/http"
@@ -100,27 +98,8 @@ func startGateway(t *testing.T, lab *netlab.Lab, binary, offload string) *gatewa
 	g.proc = lab.App.Start(t, binary, "run", "--config", path)
 	lab.App.WaitLink(t, tunName, true, startWait)
 	routeTungatePath(t, lab)
-	g.http = &http.Client{
-		Timeout: 5 * time.Second,
-		Transport: &http.Transport{
-			DisableKeepAlives: true,
-			DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-				return lab.App.DialTimeout(network, addr, 2*time.Second)
-			},
-		},
-	}
-	deadline := time.Now().Add(startWait)
-	for {
-		resp, err := g.http.Get("http://" + apiAddr + "/healthz")
-		if err == nil {
-			resp.Body.Close()
-			break
-		}
-		if time.Now().After(deadline) || g.proc.Exited() {
-			t.Fatalf("tungate API not up: %v\n%s", err, g.proc.Log())
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	g.http = lab.App.HTTPClient()
+	lab.App.WaitHealthy(t, g.proc, apiAddr, startWait)
 	return g
 }
 
@@ -182,26 +161,7 @@ func (g *gateway) pid() int { return g.proc.Cmd.Process.Pid }
 
 // metric returns the current value of a Prometheus metric without labels.
 func (g *gateway) metric(name string) (float64, error) {
-	resp, err := g.http.Get("http://" + apiAddr + "/metrics")
-	if err != nil {
-		return 0, fmt.Errorf("scrape tungate metrics: %w", err)
-	}
-	defer resp.Body.Close()
-	sc := bufio.NewScanner(resp.Body)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		if rest, ok := strings.CutPrefix(sc.Text(), name+" "); ok {
-			v, err := strconv.ParseFloat(strings.TrimSpace(rest), 64)
-			if err != nil {
-				return 0, fmt.Errorf("metric %s: %q: %w", name, sc.Text(), err)
-			}
-			return v, nil
-		}
-	}
-	if err := sc.Err(); err != nil {
-		return 0, fmt.Errorf("scrape tungate metrics: %w", err)
-	}
-	return 0, fmt.Errorf("metric %s not exported", name)
+	return g.lab.App.Metric(apiAddr, name)
 }
 
 // waitMetric polls until cond holds for the metric, or fails after

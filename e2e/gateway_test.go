@@ -3,8 +3,6 @@
 package e2e
 
 import (
-	"bufio"
-	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -13,8 +11,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
-	"strings"
 	"testing"
 	"time"
 
@@ -108,27 +104,8 @@ func startGateway(t testing.TB, lab *netlab.Lab, cfg map[string]any) *gateway {
 	g.proc = lab.App.Start(t, tungateBin, "run", "--config", path)
 	lab.App.WaitLink(t, tunName, true, startWait)
 	g.routeIntoTUN()
-	g.http = &http.Client{
-		Timeout: 5 * time.Second,
-		Transport: &http.Transport{
-			DisableKeepAlives: true, // a kept-alive scrape would hold a server goroutine
-			DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-				return lab.App.DialTimeout(network, addr, 2*time.Second)
-			},
-		},
-	}
-	deadline := time.Now().Add(startWait)
-	for {
-		resp, err := g.http.Get("http://" + apiAddr + "/healthz")
-		if err == nil {
-			resp.Body.Close()
-			break
-		}
-		if time.Now().After(deadline) || g.proc.Exited() {
-			t.Fatalf("tungate API not up: %v\n%s", err, g.proc.Log())
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	g.http = lab.App.HTTPClient()
+	lab.App.WaitHealthy(t, g.proc, apiAddr, startWait)
 	return g
 }
 
@@ -164,25 +141,11 @@ func (g *gateway) routeIntoTUN() {
 // metric returns the current value of a Prometheus metric without labels.
 func (g *gateway) metric(name string) float64 {
 	g.t.Helper()
-	resp, err := g.http.Get("http://" + apiAddr + "/metrics")
+	v, err := g.lab.App.Metric(apiAddr, name)
 	if err != nil {
-		g.t.Fatalf("scrape: %v", err)
+		g.t.Fatal(err)
 	}
-	defer resp.Body.Close()
-	sc := bufio.NewScanner(resp.Body)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		line := sc.Text()
-		if rest, ok := strings.CutPrefix(line, name+" "); ok {
-			v, err := strconv.ParseFloat(strings.TrimSpace(rest), 64)
-			if err != nil {
-				g.t.Fatalf("metric %s: %q: %v", name, line, err)
-			}
-			return v
-		}
-	}
-	g.t.Fatalf("metric %s not exported", name)
-	return 0
+	return v
 }
 
 // waitMetric polls until cond holds for the metric, failing after timeout.

@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -112,28 +111,10 @@ func startAuto(t *testing.T, lab *netlab.Lab, cfg map[string]any) *gateway {
 	path := writeYAML(t, cfg)
 	g := &gateway{t: t, lab: lab}
 	g.proc = lab.App.Start(t, tungateBin, "run", "--config", path)
-	g.http = &http.Client{
-		Timeout: 5 * time.Second,
-		Transport: &http.Transport{
-			DisableKeepAlives: true,
-			DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-				return lab.App.DialTimeout(network, addr, 2*time.Second)
-			},
-		},
-	}
+	g.http = lab.App.HTTPClient()
 	waitLog(t, g.proc, "auto-route installed", startWait)
-	deadline := time.Now().Add(startWait)
-	for {
-		resp, err := g.http.Get("http://" + apiAddr + "/healthz")
-		if err == nil {
-			resp.Body.Close()
-			return g
-		}
-		if time.Now().After(deadline) || g.proc.Exited() {
-			t.Fatalf("tungate API not up: %v\n%s", err, g.proc.Log())
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	lab.App.WaitHealthy(t, g.proc, apiAddr, startWait)
+	return g
 }
 
 // routingState is everything auto-route could change in the namespace.
