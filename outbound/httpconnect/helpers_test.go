@@ -2,46 +2,25 @@ package httpconnect
 
 import (
 	"bufio"
-	"context"
-	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/netip"
 	"sync"
-	"syscall"
 	"testing"
 
 	"github.com/tungate/tungate/outbound"
 )
 
-// loopback is the base dialer of the tests: plain sockets on this host.
-type loopback struct{}
-
-func (loopback) Name() string { return "loopback" }
-
-func (loopback) DialTCP(ctx context.Context, dst outbound.Target) (outbound.TCPConn, error) {
-	var d net.Dialer
-	c, err := d.DialContext(ctx, "tcp", dst.Addr.String())
+// loopback is the base dialer of the tests: the direct outbound, unmarked
+// and unbound, reaching the fake proxies on this host's loopback.
+func loopback() outbound.Dialer {
+	d, err := outbound.NewDirect(outbound.DirectConfig{Name: "loopback"}, nil)
 	if err != nil {
-		if errors.Is(err, syscall.ECONNREFUSED) {
-			return nil, fmt.Errorf("%w: %w", outbound.ErrRefused, err)
-		}
-		return nil, err
+		panic(err)
 	}
-	return loopbackTCP{c.(*net.TCPConn)}, nil
-}
-
-func (loopback) ListenUDP(context.Context, outbound.Target) (outbound.PacketConn, error) {
-	return nil, errors.New("the tests of an HTTP outbound open no UDP socket")
-}
-
-type loopbackTCP struct{ *net.TCPConn }
-
-func (c loopbackTCP) Abort() error {
-	c.SetLinger(0)
-	return c.Close()
+	return d
 }
 
 // fakeRequest is what the fake proxy saw of one CONNECT.

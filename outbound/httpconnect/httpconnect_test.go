@@ -19,7 +19,7 @@ func newDialer(t *testing.T, cfg Config) *Dialer {
 	if cfg.Name == "" {
 		cfg.Name = "web"
 	}
-	d, err := New(cfg, loopback{}, nil)
+	d, err := New(cfg, loopback(), nil)
 	if err != nil {
 		t.Fatalf("New(%+v): %v", cfg, err)
 	}
@@ -41,7 +41,7 @@ func TestNewValidates(t *testing.T) {
 		{Config{Name: "w", Address: "127.0.0.1:8888", Username: "a", Password: "b\r\nX: y"}, "control character"},
 		{Config{Name: "w", Address: "127.0.0.1:8888", Password: "p"}, "password without a username"},
 	} {
-		_, err := New(tc.cfg, loopback{}, nil)
+		_, err := New(tc.cfg, loopback(), nil)
 		switch {
 		case tc.want == "" && err != nil:
 			t.Errorf("New(%+v): %v", tc.cfg, err)

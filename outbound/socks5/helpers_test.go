@@ -1,9 +1,7 @@
 package socks5
 
 import (
-	"context"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -11,59 +9,20 @@ import (
 	"runtime"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/tungate/tungate/outbound"
 )
 
-// loopback is the base dialer of the tests: plain sockets on this host.
-type loopback struct{}
-
-func (loopback) Name() string { return "loopback" }
-
-func (loopback) DialTCP(ctx context.Context, dst outbound.Target) (outbound.TCPConn, error) {
-	var d net.Dialer
-	c, err := d.DialContext(ctx, "tcp", dst.Addr.String())
+// loopback is the base dialer of the tests: the direct outbound, unmarked
+// and unbound, reaching the fake proxies on this host's loopback.
+func loopback() outbound.Dialer {
+	d, err := outbound.NewDirect(outbound.DirectConfig{Name: "loopback"}, nil)
 	if err != nil {
-		if errors.Is(err, syscall.ECONNREFUSED) {
-			return nil, fmt.Errorf("%w: %w", outbound.ErrRefused, err)
-		}
-		return nil, err
+		panic(err)
 	}
-	return loopbackTCP{c.(*net.TCPConn)}, nil
-}
-
-func (loopback) ListenUDP(_ context.Context, first outbound.Target) (outbound.PacketConn, error) {
-	local := &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)}
-	if first.Addr.Addr().Is6() {
-		local = &net.UDPAddr{IP: net.IPv6loopback}
-	}
-	c, err := net.ListenUDP("udp", local)
-	if err != nil {
-		return nil, err
-	}
-	return loopbackUDP{c}, nil
-}
-
-type loopbackTCP struct{ *net.TCPConn }
-
-func (c loopbackTCP) Abort() error {
-	c.SetLinger(0)
-	return c.Close()
-}
-
-type loopbackUDP struct{ *net.UDPConn }
-
-func (c loopbackUDP) ReadPacket(b []byte) (int, netip.AddrPort, error) {
-	n, from, err := c.ReadFromUDPAddrPort(b)
-	return n, netip.AddrPortFrom(from.Addr().Unmap(), from.Port()), err
-}
-
-func (c loopbackUDP) WritePacket(b []byte, dst outbound.Target) error {
-	_, err := c.WriteToUDPAddrPort(b, dst.Addr)
-	return err
+	return d
 }
 
 // fakeRequest is what the fake server saw of one client.

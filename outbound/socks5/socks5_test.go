@@ -21,7 +21,7 @@ func newDialer(t *testing.T, cfg Config) *Dialer {
 	if cfg.Name == "" {
 		cfg.Name = "proxy"
 	}
-	d, err := New(cfg, loopback{}, nil)
+	d, err := New(cfg, loopback(), nil)
 	if err != nil {
 		t.Fatalf("New(%+v): %v", cfg, err)
 	}
@@ -82,7 +82,7 @@ func TestNewValidates(t *testing.T) {
 		{Config{Name: "p", Address: "127.0.0.1:1080", Username: "u", Password: strings.Repeat("p", 256)}, "password is 256 bytes"},
 		{Config{Name: "p", Address: "127.0.0.1:1080", Password: "p"}, "password without a username"},
 	} {
-		_, err := New(tc.cfg, loopback{}, nil)
+		_, err := New(tc.cfg, loopback(), nil)
 		switch {
 		case tc.want == "" && err != nil:
 			t.Errorf("New(%+v): %v", tc.cfg, err)
