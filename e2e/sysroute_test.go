@@ -403,11 +403,9 @@ func TestStrict(t *testing.T) {
 	}
 }
 
-// TestLoop: an outbound whose sockets carry no mark sends its own
-// traffic back into the TUN; tungate refuses such a flow at once with one
-// log line instead of looping. It needs the loop guard wired into the
-// flow router (cmd/tungate start(): route = g.loopGuard(cfg, route)) and
-// skips, saying so, until then.
+// TestLoop: an outbound misconfigured to send its own traffic back into
+// the TUN (no mark, bound to the TUN itself) has its flows refused at once
+// with one log line instead of looping.
 func TestLoop(t *testing.T) {
 	lab := hostLab(t)
 	lab.Wan.TCPEcho(t, remote4(1, 7))
@@ -415,12 +413,12 @@ func TestLoop(t *testing.T) {
 	cfg := autoConfig(t)
 	cfg["outbounds"] = []any{
 		map[string]any{"name": "direct", "type": "direct", "fwmark": fwmark},
-		map[string]any{"name": "leaky", "type": "direct", "fwmark": 0},
+		map[string]any{"name": "leaky", "type": "direct", "fwmark": 0, "interface": tunName},
 	}
 	cfg["final"] = "leaky"
 	g := startAuto(t, lab, cfg)
 	if !strings.Contains(g.proc.Log(), "loop guard on") {
-		t.Skip("the loop guard is not wired into cmd/tungate's start() yet (route = g.loopGuard(cfg, route)); sysroute's detector has its own tests")
+		t.Fatalf("tungate did not turn its loop guard on:\n%s", g.proc.Log())
 	}
 	flows := g.metric("tungate_tcp_flows_total")
 	refused := g.metric("tungate_tcp_refused_total")

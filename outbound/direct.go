@@ -16,8 +16,18 @@ import (
 type DirectConfig struct {
 	Name string
 	// Interface binds every socket to this interface (SO_BINDTODEVICE on
-	// Linux, IP_BOUND_IF on macOS); "" leaves the choice to the routing table.
+	// Linux, IP_BOUND_IF on macOS); "" leaves the choice to InterfaceFor,
+	// or to the routing table.
 	Interface string
+	// InterfaceFor, used when Interface is "", names the interface to
+	// bind each new socket to, given the destination it is opened for
+	// (the host's default interface, or the one its main routing table
+	// sends that destination out of); it is asked at every dial, so a
+	// default-route change moves new flows at once. "" binds none: the
+	// fwmark alone keeps such a socket out of the TUN. The sockets it
+	// bound are tracked until they close, so that AbortInterface can end
+	// them. It must be fast and safe for concurrent use.
+	InterfaceFor func(dst netip.Addr) string
 	// FWMark is set as SO_MARK on every socket (Linux) so that policy routing
 	// can keep tungate's own traffic out of the TUN; 0 sets none.
 	FWMark uint32
@@ -45,6 +55,9 @@ type Direct struct {
 	log    *slog.Logger
 	dialer net.Dialer
 	listen net.ListenConfig
+	// follow: sockets are bound by InterfaceFor and tracked in bound.
+	follow bool
+	bound  boundSockets
 }
 
 // NewDirect returns a direct outbound. It fails when the options cannot be
@@ -57,10 +70,41 @@ func NewDirect(cfg DirectConfig, log *slog.Logger) (*Direct, error) {
 	if err != nil {
 		return nil, fmt.Errorf("direct outbound %q: %w", cfg.Name, err)
 	}
-	d := &Direct{cfg: cfg, log: log}
+	d := &Direct{cfg: cfg, log: log, follow: cfg.Interface == "" && cfg.InterfaceFor != nil}
 	d.dialer = net.Dialer{Control: control, KeepAlive: cfg.KeepAlive}
 	d.listen = net.ListenConfig{Control: control}
 	return d, nil
+}
+
+// bindFor returns the interface a socket to dst is bound to ("" for
+// none) and the socket control that binds and marks it.
+func (d *Direct) bindFor(dst netip.Addr) (string, func(network, address string, c syscall.RawConn) error, error) {
+	if !d.follow {
+		return "", d.dialer.Control, nil
+	}
+	iface := d.cfg.InterfaceFor(dst.Unmap())
+	if iface == "" {
+		return "", d.dialer.Control, nil
+	}
+	control, err := socketControl(iface, d.cfg.FWMark)
+	if err != nil {
+		return "", nil, err
+	}
+	return iface, control, nil
+}
+
+// AbortInterface ends every live flow whose socket InterfaceFor bound to
+// iface, for IPv6 (v6) or IPv4 sockets: TCP connections are reset (the
+// relay then resets the app's side), UDP sessions closed. It returns how
+// many it ended. Call it when iface can no longer carry that family (it
+// was deleted, set down, or lost its routes): those flows are dead, and
+// without it the apps would wait for TCP's timeouts.
+func (d *Direct) AbortInterface(iface string, v6 bool) int {
+	socks := d.bound.take(iface, v6)
+	for _, s := range socks {
+		s.end()
+	}
+	return len(socks)
 }
 
 // Name implements Dialer.
@@ -73,10 +117,23 @@ func (d *Direct) DialTCP(ctx context.Context, dst Target) (TCPConn, error) {
 		return nil, err
 	}
 	for _, a := range addrs {
+		iface, control, berr := d.bindFor(a)
+		if berr != nil {
+			err = berr
+			break
+		}
+		dialer := d.dialer
+		dialer.Control = control
 		var c net.Conn
-		c, err = d.dialer.DialContext(ctx, "tcp", netip.AddrPortFrom(a, dst.Addr.Port()).String())
+		c, err = dialer.DialContext(ctx, "tcp", netip.AddrPortFrom(a, dst.Addr.Port()).String())
 		if err == nil {
-			return directTCP{c.(*net.TCPConn)}, nil
+			tc := directTCP{c.(*net.TCPConn)}
+			if iface == "" {
+				return tc, nil
+			}
+			b := &boundTCP{directTCP: tc, set: &d.bound, iface: iface, v6: a.Unmap().Is6()}
+			d.bound.add(b)
+			return b, nil
 		}
 		if ctx.Err() != nil {
 			break
@@ -128,7 +185,19 @@ func (d *Direct) ListenUDP(ctx context.Context, first Target) (PacketConn, error
 		}
 		firstReal = addrs[0]
 	}
-	pc, err := d.listen.ListenPacket(ctx, network, local)
+	// The session's socket is bound for its first destination; later
+	// ones of the same family leave by the same interface.
+	to := first.Addr.Addr()
+	if firstReal.IsValid() {
+		to = firstReal
+	}
+	iface, control, err := d.bindFor(to)
+	if err != nil {
+		return nil, fmt.Errorf("%s: udp socket for %s: %w", d.cfg.Name, first, err)
+	}
+	listen := d.listen
+	listen.Control = control
+	pc, err := listen.ListenPacket(ctx, network, local)
 	if err != nil {
 		return nil, fmt.Errorf("%s: udp socket for %s: %w", d.cfg.Name, first, err)
 	}
@@ -138,9 +207,12 @@ func (d *Direct) ListenUDP(ctx context.Context, first Target) (PacketConn, error
 		c.Close()
 		return nil, fmt.Errorf("%s: udp socket for %s: %w", d.cfg.Name, first, err)
 	}
-	u := &directUDP{d: d, conn: c, raw: raw, v6: network == "udp6"}
+	u := &directUDP{d: d, conn: c, raw: raw, v6: network == "udp6", iface: iface}
 	if firstReal.IsValid() {
 		u.mapFake(first.Addr.Addr(), firstReal)
+	}
+	if iface != "" {
+		d.bound.add(u)
 	}
 	return u, nil
 }
@@ -161,10 +233,11 @@ func (c directTCP) Abort() error {
 }
 
 type directUDP struct {
-	d    *Direct
-	conn *net.UDPConn
-	raw  syscall.RawConn
-	v6   bool
+	d     *Direct
+	conn  *net.UDPConn
+	raw   syscall.RawConn
+	v6    bool
+	iface string // bound by InterfaceFor and tracked; "" when not
 
 	// For fake-ip destinations: placeholder → real address, and back, so
 	// that replies reach the app from the address it sent to.
@@ -253,4 +326,15 @@ func (u *directUDP) resolve(dst Target) {
 	u.mapFake(dst.Addr.Addr(), addrs[0])
 }
 
-func (u *directUDP) Close() error { return u.conn.Close() }
+func (u *directUDP) Close() error {
+	if u.iface != "" {
+		u.d.bound.remove(u)
+	}
+	return u.conn.Close()
+}
+
+func (u *directUDP) bound() (string, bool) { return u.iface, u.v6 }
+
+// end closes the socket: the pending ReadPacket fails and the session
+// ends.
+func (u *directUDP) end() { u.conn.Close() }

@@ -92,7 +92,7 @@ func (g *gateway) installRoutes(cfg *configs.Config) error {
 func (g *gateway) installAutoRoute(cfg *configs.Config) error {
 	for i, o := range cfg.Outbounds {
 		if o.Type == configs.OutboundDirect && o.FWMark == 0 && o.Interface == "" {
-			g.log.Warn("auto-route: this outbound's sockets carry no fwmark and are bound to no interface, so its traffic comes back into the TUN; set its fwmark",
+			g.log.Warn("auto-route: this outbound's sockets carry no fwmark; they stay out of the TUN only while bound to a detected default interface; set its fwmark",
 				"outbound", fmt.Sprintf("outbounds[%d] (%s)", i, o.Name))
 		}
 	}

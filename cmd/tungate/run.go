@@ -18,6 +18,7 @@ import (
 	"github.com/tungate/tungate/configs"
 	"github.com/tungate/tungate/dnsproxy"
 	"github.com/tungate/tungate/forwarder"
+	"github.com/tungate/tungate/netmon"
 	"github.com/tungate/tungate/netstack"
 	"github.com/tungate/tungate/outbound"
 	"github.com/tungate/tungate/outbound/httpconnect"
@@ -57,6 +58,7 @@ type gateway struct {
 	udp    *forwarder.UDPTable
 	dns    *dnsproxy.Proxy
 	api    *api.Server
+	mon    *netmon.Monitor // the default interface, when an outbound follows it
 	routes installedRoutes
 	closed bool
 }
@@ -79,7 +81,9 @@ func run(ctx context.Context, cfg *configs.Config) error {
 	return nil
 }
 
-func buildOutbounds(cfg *configs.Config, resolver outbound.Resolver, log *slog.Logger) (map[string]outbound.Dialer, error) {
+// buildOutbounds builds the dialers. Direct sockets with interface ""
+// follow mon's default interface (see newDirect); mon may be nil.
+func buildOutbounds(cfg *configs.Config, resolver outbound.Resolver, mon *netmon.Monitor, log *slog.Logger) (map[string]outbound.Dialer, error) {
 	dialers := make(map[string]outbound.Dialer, len(cfg.Outbounds))
 	// Proxies are reached the way the direct outbound reaches the
 	// Internet: marked (and bound) so their traffic never re-enters the
@@ -91,7 +95,7 @@ func buildOutbounds(cfg *configs.Config, resolver outbound.Resolver, log *slog.L
 			break
 		}
 	}
-	base, err := outbound.NewDirect(baseCfg, log.With("outbound", baseCfg.Name))
+	base, err := newDirect(baseCfg, mon, log.With("outbound", baseCfg.Name))
 	if err != nil {
 		return nil, err
 	}
@@ -106,10 +110,10 @@ func buildOutbounds(cfg *configs.Config, resolver outbound.Resolver, log *slog.L
 		case configs.OutboundHTTP:
 			d, err = httpconnect.New(httpconnect.Config{Name: o.Name, Address: o.Address, Username: o.Username, Password: o.Password}, base, log.With("outbound", o.Name))
 		case configs.OutboundDirect:
-			d, err = outbound.NewDirect(outbound.DirectConfig{
+			d, err = newDirect(outbound.DirectConfig{
 				Name: o.Name, Interface: o.Interface, FWMark: o.FWMark, KeepAlive: cfg.Stack.TCP.Keepalive,
 				Resolver: resolver,
-			}, log.With("outbound", o.Name))
+			}, mon, log.With("outbound", o.Name))
 		case configs.OutboundReject:
 			d = outbound.NewReject(o.Name)
 		default:
@@ -127,22 +131,21 @@ func start(cfg *configs.Config, log *slog.Logger) (g *gateway, err error) {
 	if err := recoverSystemDNS(cfg, log); err != nil {
 		return nil, err
 	}
-	var resolver lateResolver
-	dialers, err := buildOutbounds(cfg, &resolver, log)
-	if err != nil {
-		return nil, err
-	}
-	rt, err := router.New(cfg.Rules, cfg.FinalOutbound())
-	if err != nil {
-		return nil, err
-	}
-
-	g = &gateway{log: log}
+	g = &gateway{log: log, mon: startMonitor(cfg, log)}
 	defer func() {
 		if err != nil {
 			g.close()
 		}
 	}()
+	var resolver lateResolver
+	dialers, err := buildOutbounds(cfg, &resolver, g.mon, log)
+	if err != nil {
+		return g, err
+	}
+	rt, err := router.New(cfg.Rules, cfg.FinalOutbound())
+	if err != nil {
+		return g, err
+	}
 
 	var hj *hijack
 	if cfg.DNS.Enabled {
@@ -204,6 +207,9 @@ func start(cfg *configs.Config, log *slog.Logger) (g *gateway, err error) {
 	}, log)
 	if err != nil {
 		return g, err
+	}
+	if g.mon != nil {
+		g.mon.Ignore(g.dev.Name()) // an adopted TUN (tun.fd) names itself only now
 	}
 	g.stack, err = netstack.New(g.dev, &flowHandler{g: g, hijack: hj}, netstack.Config{
 		MTU:         g.dev.MTU(),
@@ -287,6 +293,9 @@ func (g *gateway) close() {
 		g.stack.Close()
 	}
 	<-tcpClosed
+	if g.mon != nil {
+		g.mon.Close()
+	}
 	if g.api != nil {
 		g.api.Close()
 	}
