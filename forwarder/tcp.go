@@ -23,6 +23,15 @@ type AppConn interface {
 	Abort() error
 }
 
+// ReadWaiter is implemented by connections that can wait until a Read
+// would not block without being handed a buffer, so that the relay takes a
+// buffer only when there is something to copy. WaitReadable returns nil
+// when a Read would return data or EOF, and an error (a reset, say) when
+// the connection failed.
+type ReadWaiter interface {
+	WaitReadable() error
+}
+
 // TCPFlow is an app's connection attempt held at its SYN: Accept completes
 // the handshake, Refuse answers with a RST.
 type TCPFlow interface {
@@ -261,16 +270,32 @@ type halfCloser interface {
 // dst while the other direction keeps going; any other end (RST, error)
 // aborts the whole flow, so a reset on one side is a reset on the other.
 func (r *tcpRelay) copy(dst halfCloser, src io.Reader, count *atomic.Uint64, touch bool) {
-	bp := relayBufs.Get().(*[]byte)
-	defer relayBufs.Put(bp)
-	buf := *bp
+	waiter, _ := src.(ReadWaiter)
+	var bp *[]byte
+	defer func() {
+		if bp != nil {
+			relayBufs.Put(bp)
+		}
+	}()
 	for {
-		n, err := src.Read(buf)
+		if bp == nil {
+			// An idle flow holds no buffer: with thousands of idle
+			// connections the buffers, not the flows, would be the
+			// memory.
+			if waiter != nil {
+				if err := waiter.WaitReadable(); err != nil {
+					r.abort()
+					return
+				}
+			}
+			bp = relayBufs.Get().(*[]byte)
+		}
+		n, err := src.Read(*bp)
 		if n > 0 {
 			if touch {
 				r.last.Store(time.Now().UnixNano())
 			}
-			if _, werr := dst.Write(buf[:n]); werr != nil {
+			if _, werr := dst.Write((*bp)[:n]); werr != nil {
 				r.abort()
 				return
 			}
@@ -285,6 +310,13 @@ func (r *tcpRelay) copy(dst halfCloser, src io.Reader, count *atomic.Uint64, tou
 		if err != nil {
 			r.abort()
 			return
+		}
+		if waiter != nil && n < len(*bp)/4 {
+			// A short read: the flow is not streaming, so give the
+			// buffer back before waiting for more. A streaming flow
+			// keeps it and saves the readiness check per read.
+			relayBufs.Put(bp)
+			bp = nil
 		}
 	}
 }

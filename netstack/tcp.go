@@ -176,6 +176,19 @@ func (c *TCPConn) Read(b []byte) (int, error) {
 	}
 }
 
+// WaitReadable blocks until Read would not block (data, EOF or an error),
+// the conn is closed or the read deadline passes, without taking a buffer.
+func (c *TCPConn) WaitReadable() error {
+	c.readMu.Lock()
+	defer c.readMu.Unlock()
+	for c.ep.Readiness(waiter.ReadableEvents|waiter.EventHUp|waiter.EventErr) == 0 {
+		if err := c.wait(c.readReady, c.readDLChanged, &c.readDL); err != nil {
+			return c.opErr("read", err)
+		}
+	}
+	return nil
+}
+
 // Write implements net.Conn.Write.
 func (c *TCPConn) Write(b []byte) (int, error) {
 	c.writeMu.Lock()

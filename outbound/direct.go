@@ -226,6 +226,30 @@ func (r refused) Is(target error) bool { return target == ErrRefused }
 
 type directTCP struct{ *net.TCPConn }
 
+// WaitReadable blocks until a Read would not block, without taking a
+// buffer: the relay's way of holding no memory for idle flows. MSG_PEEK
+// tells whether data is already buffered, since the poller only reports new
+// arrivals. A socket error (a RST) is returned here, where the peek
+// consumed it.
+func (c directTCP) WaitReadable() error {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var (
+		one     [1]byte
+		peekErr error
+	)
+	if err := raw.Read(func(fd uintptr) bool {
+		var ready bool
+		ready, peekErr = peekReady(fd, one[:])
+		return ready
+	}); err != nil {
+		return err
+	}
+	return peekErr
+}
+
 // Abort closes the connection with a RST.
 func (c directTCP) Abort() error {
 	_ = c.SetLinger(0)

@@ -37,3 +37,18 @@ func socketControl(iface string, mark uint32) (func(network, address string, c s
 func sendtoNoWait(fd uintptr, b []byte, dst netip.AddrPort) error {
 	return unix.Sendto(int(fd), b, unix.MSG_DONTWAIT, sockaddr(dst))
 }
+
+// peekReady reports whether a read on fd would not block: data is buffered,
+// the peer closed, or the socket has an error. A peek consumes a pending
+// socket error (a RST), so that error is returned here: the next read would
+// not see it.
+func peekReady(fd uintptr, b []byte) (bool, error) {
+	_, _, err := unix.Recvfrom(int(fd), b, unix.MSG_PEEK|unix.MSG_DONTWAIT)
+	switch err {
+	case nil:
+		return true, nil
+	case unix.EAGAIN, unix.EINTR:
+		return false, nil
+	}
+	return true, err
+}
