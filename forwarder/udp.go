@@ -312,6 +312,13 @@ func (s *udpSession) send(dst netip.AddrPort, payload []byte) {
 	s.touch()
 	select {
 	case <-s.ready:
+		s.mu.Lock()
+		failed := s.conn == nil // the open failed, or the session closed first
+		s.mu.Unlock()
+		if failed {
+			s.table.stats.Dropped.Add(1)
+			return
+		}
 		s.enqueue(dst, payload)
 		return
 	default:
