@@ -239,7 +239,8 @@ type udpSession struct {
 	idle     time.Duration
 	last     atomic.Int64
 
-	ready chan struct{} // closed once conn is set or opening failed
+	ready  chan struct{} // closed once conn is set or opening failed
+	opened atomic.Bool   // set before ready closes when conn is set: no lock per datagram
 
 	// ctx bounds the opening of the upstream session; close cancels it,
 	// so an expired mapping does not leave a hung handshake behind.
@@ -298,6 +299,7 @@ func (s *udpSession) open() {
 		s.write(p.dst, p.payload)
 	}
 	s.pending = nil
+	s.opened.Store(true)
 	s.mu.Unlock()
 	t.wg.Add(1)
 	go s.sendLoop()
@@ -312,10 +314,7 @@ func (s *udpSession) send(dst netip.AddrPort, payload []byte) {
 	s.touch()
 	select {
 	case <-s.ready:
-		s.mu.Lock()
-		failed := s.conn == nil // the open failed, or the session closed first
-		s.mu.Unlock()
-		if failed {
+		if !s.opened.Load() { // the open failed, or the session closed first
 			s.table.stats.Dropped.Add(1)
 			return
 		}
@@ -406,6 +405,7 @@ func (s *udpSession) close() {
 	s.mu.Lock()
 	already := s.closed
 	s.closed = true
+	s.opened.Store(false) // later datagrams are dropped and counted
 	conn := s.conn
 	s.mu.Unlock()
 	s.cancel()

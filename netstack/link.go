@@ -79,9 +79,8 @@ type linkEndpoint struct {
 	packetsOut  atomic.Uint64
 	// enqueued and settled (written or failed) tell Flush when every packet
 	// handed to WritePackets has left.
-	enqueued     atomic.Uint64
-	settled      atomic.Uint64
-	onFatalError func(error)
+	enqueued atomic.Uint64
+	settled  atomic.Uint64
 }
 
 func newLinkEndpoint(dev Device, mtu uint32, log *slog.Logger) *linkEndpoint {
@@ -119,9 +118,6 @@ func (e *linkEndpoint) readLoop(isClosed func(error) bool) {
 		default:
 		}
 		if isClosed(err) {
-			if e.onFatalError != nil {
-				e.onFatalError(err)
-			}
 			return
 		}
 		if e.readErrors.Add(1) == 1 || e.log.Enabled(context.Background(), slog.LevelDebug) {
