@@ -190,6 +190,9 @@ func TestSOCKS5Danted(t *testing.T) {
 		}
 		c := dialApp(t, lab, remote4(1, 5001)) // the right credentials still work
 		c.Close()
+		if v := g.metric(`tungate_outbound_proxy_refused_total{outbound="badauth"}`); v != 1 {
+			t.Errorf(`tungate_outbound_proxy_refused_total{outbound="badauth"} = %v, want 1`, v)
+		}
 	})
 
 	t.Run("proxy dies and comes back", func(t *testing.T) {

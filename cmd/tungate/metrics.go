@@ -3,6 +3,9 @@ package main
 import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/tungate/tungate/outbound"
+	"github.com/tungate/tungate/outbound/httpconnect"
+	"github.com/tungate/tungate/outbound/socks5"
 )
 
 // registerMetrics exposes the gateway's counters, plus the Go runtime's
@@ -37,6 +40,7 @@ func registerMetrics(reg *prometheus.Registry, g *gateway) {
 	if g.dns != nil {
 		reg.MustRegister(newDNSCollector(g))
 	}
+	reg.MustRegister(newProxyCollector(g.dialers))
 
 	udp := g.udp.Stats()
 	counter("udp_sessions_total", "UDP mappings opened.", func() float64 { return float64(udp.Opened.Load()) })
@@ -104,5 +108,55 @@ func (c *dnsCollector) Collect(ch chan<- prometheus.Metric) {
 		counter(c.upQueries, u.Queries, u.Upstream)
 		counter(c.upErrors, u.Errors, u.Upstream)
 		ch <- prometheus.MustNewConstSummary(c.upLatency, u.LatencyCount, u.LatencySum.Seconds(), nil, u.Upstream)
+	}
+}
+
+// proxyCollector exports the proxy outbounds' own counters, labelled by
+// outbound: what the forwarder's counters cannot tell apart (a refusal by
+// the proxy from one by the destination, UDP relay drops).
+type proxyCollector struct {
+	dialers                                   map[string]outbound.Dialer
+	dials, failures, refused, assoc, udpDrops *prometheus.Desc
+}
+
+func newProxyCollector(dialers map[string]outbound.Dialer) *proxyCollector {
+	d := func(name, help string, labels ...string) *prometheus.Desc {
+		return prometheus.NewDesc("tungate_outbound_"+name, help, append([]string{"outbound"}, labels...), nil)
+	}
+	return &proxyCollector{
+		dialers:  dialers,
+		dials:    d("proxy_dials_total", "Connections opened to a proxy (CONNECT, UDP ASSOCIATE)."),
+		failures: d("proxy_dial_failures_total", "Proxy dials that failed other than by a refusal (unreachable, silent, protocol error)."),
+		refused:  d("proxy_refused_total", "Proxy dials refused (by the destination via the proxy, failed authentication, the proxy's port closed)."),
+		assoc:    d("socks5_udp_associations_total", "SOCKS5 UDP associations opened."),
+		udpDrops: d("socks5_udp_dropped_total", "Datagrams from a SOCKS5 relay dropped.", "reason"),
+	}
+}
+
+func (c *proxyCollector) Describe(ch chan<- *prometheus.Desc) {
+	prometheus.DescribeByCollect(c, ch)
+}
+
+func (c *proxyCollector) Collect(ch chan<- prometheus.Metric) {
+	counter := func(d *prometheus.Desc, v uint64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), labels...)
+	}
+	for name, d := range c.dialers {
+		switch d := d.(type) {
+		case *socks5.Dialer:
+			st := d.Stats()
+			counter(c.dials, st.Dials, name)
+			counter(c.failures, st.DialFailures, name)
+			counter(c.refused, st.Refused, name)
+			counter(c.assoc, st.UDPAssociations, name)
+			counter(c.udpDrops, st.UDPDroppedFragment, name, "fragment")
+			counter(c.udpDrops, st.UDPDroppedName, name, "name")
+			counter(c.udpDrops, st.UDPDroppedMalformed, name, "malformed")
+		case *httpconnect.Dialer:
+			st := d.Stats()
+			counter(c.dials, st.Dials, name)
+			counter(c.failures, st.DialFailures, name)
+			counter(c.refused, st.Refused, name)
+		}
 	}
 }

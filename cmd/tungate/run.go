@@ -59,6 +59,8 @@ type gateway struct {
 	dns    *dnsproxy.Proxy
 	api    *api.Server
 	mon    *netmon.Monitor // the default interface, when an outbound follows it
+	// dialers are the outbounds by name.
+	dialers map[string]outbound.Dialer
 	routes installedRoutes
 	closed bool
 }
@@ -142,6 +144,7 @@ func start(cfg *configs.Config, log *slog.Logger) (g *gateway, err error) {
 	if err != nil {
 		return g, err
 	}
+	g.dialers = dialers
 	rt, err := router.New(cfg.Rules, cfg.FinalOutbound())
 	if err != nil {
 		return g, err
