@@ -51,18 +51,18 @@ func newLogger(cfg configs.Log) *slog.Logger {
 
 // gateway is one running tungate: every part, in start order.
 type gateway struct {
-	log    *slog.Logger
-	dev    *tun.Device
-	stack  *netstack.Stack
-	tcp    *forwarder.TCP
-	udp    *forwarder.UDPTable
-	dns    *dnsproxy.Proxy
-	api    *api.Server
-	mon    *netmon.Monitor // the default interface, when an outbound follows it
+	log   *slog.Logger
+	dev   *tun.Device
+	stack *netstack.Stack
+	tcp   *forwarder.TCP
+	udp   *forwarder.UDPTable
+	dns   *dnsproxy.Proxy
+	api   *api.Server
+	mon   *netmon.Monitor // the default interface, when an outbound follows it
 	// dialers are the outbounds by name.
 	dialers map[string]outbound.Dialer
-	routes installedRoutes
-	closed bool
+	routes  installedRoutes
+	closed  bool
 }
 
 func run(ctx context.Context, cfg *configs.Config) error {
