@@ -162,8 +162,10 @@ func TestTCPRefuse(t *testing.T) {
 				if n := len(calls); n != 1 {
 					t.Errorf("HandleTCP called %d times, want 1", n)
 				}
-				if st := e.s.Stats(); st.TCPResetsSent <= resetsBefore {
-					t.Errorf("Stats().TCPResetsSent = %d, want > %d", st.TCPResetsSent, resetsBefore)
+				// gVisor counts the RST after handing it to the link, so
+				// the client can see it before the counter moves.
+				if !waitUntil(func() bool { return e.s.Stats().TCPResetsSent > resetsBefore }) {
+					t.Errorf("Stats().TCPResetsSent = %d, want > %d", e.s.Stats().TCPResetsSent, resetsBefore)
 				}
 				// The request is not leaked: a new connection from the
 				// same app is handled again; through gonet too, as a Go
