@@ -348,27 +348,62 @@ func (s *udpSession) enqueue(dst netip.AddrPort, payload []byte) {
 	}
 }
 
-// sendLoop writes queued datagrams upstream until the session closes.
+// sendBatchMax bounds the datagrams the sender takes off its queue for one
+// BatchWriter call: what one sendmmsg of UDP_SEGMENT runs carries.
+const sendBatchMax = 64
+
+// sendLoop writes queued datagrams upstream until the session closes. It
+// takes whatever has queued up since its last write, so a burst leaves in
+// one system call where the conn can batch, and a lone datagram leaves
+// at once.
 func (s *udpSession) sendLoop() {
 	defer s.table.wg.Done()
+	bw, _ := s.conn.(outbound.BatchWriter)
+	var batch []outbound.Datagram
 	for {
+		var d outDatagram
 		select {
-		case d := <-s.sendq:
-			s.write(d.dst, d.payload)
+		case d = <-s.sendq:
 		case <-s.ctx.Done():
 			return
 		}
+		if bw == nil {
+			s.write(d.dst, d.payload)
+			continue
+		}
+		batch = append(batch[:0], outbound.Datagram{Payload: d.payload, Dst: s.target(d.dst)})
+	drain:
+		for len(batch) < sendBatchMax {
+			select {
+			case d = <-s.sendq:
+				batch = append(batch, outbound.Datagram{Payload: d.payload, Dst: s.target(d.dst)})
+			default:
+				break drain
+			}
+		}
+		sent, err := bw.WriteBatch(batch)
+		s.table.stats.PacketsUp.Add(uint64(sent))
+		if dropped := len(batch) - sent; dropped > 0 {
+			s.table.stats.Dropped.Add(uint64(dropped))
+			s.table.log.Debug("udp send", "outbound", s.dialer.Name(), "src", s.src, "dropped", dropped, "err", err)
+		}
+		clear(batch) // the payloads are garbage now
 	}
 }
 
-func (s *udpSession) write(dst netip.AddrPort, payload []byte) {
+// target is dst with the name behind it, when known.
+func (s *udpSession) target(dst netip.AddrPort) outbound.Target {
 	target := outbound.Target{Addr: dst}
 	if dst == s.dst {
 		target.Domain = s.domain
 	} else if names := s.table.cfg.Names; names != nil {
 		target.Domain, _ = names(dst.Addr())
 	}
-	if err := s.conn.WritePacket(payload, target); err != nil {
+	return target
+}
+
+func (s *udpSession) write(dst netip.AddrPort, payload []byte) {
+	if err := s.conn.WritePacket(payload, s.target(dst)); err != nil {
 		s.table.stats.Dropped.Add(1)
 		s.table.log.Debug("udp send", "outbound", s.dialer.Name(), "src", s.src, "dst", dst, "err", err)
 		return

@@ -96,6 +96,7 @@ func New(dev Device, h Handler, cfg Config, log *slog.Logger) (*Stack, error) {
 		}),
 	}
 	s.link = newLinkEndpoint(dev, uint32(cfg.MTU), log)
+	s.link.fastUDP = s.fastUDP
 	if err := s.setup(); err != nil {
 		s.stack.Close()
 		return nil, err

@@ -32,7 +32,7 @@ func (s *Stack) forwardUDP(id stack.TransportEndpointID, pkt *stack.PacketBuffer
 		// Unhandled: gVisor validates again, drops and counts it.
 		return false
 	}
-	if s.closed.Load() {
+	if s.closed.Load() || s.link.refusing.Load() {
 		s.udpRefused.Add(1)
 		return false
 	}

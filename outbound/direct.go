@@ -269,6 +269,8 @@ type directUDP struct {
 	toReal    map[netip.Addr]netip.Addr
 	toFake    map[netip.Addr]netip.Addr
 	resolving map[netip.Addr]bool
+
+	batch udpBatch // WriteBatch's reusable state, where the system has one
 }
 
 func (u *directUDP) mapFake(fake, realAddr netip.Addr) {
@@ -300,8 +302,26 @@ var errResolving = errors.New("fake-ip destination still resolving; datagram dro
 // WritePacket sends without ever parking the caller: when the socket buffer
 // is full the datagram is dropped and the error says so, as a kernel would.
 func (u *directUDP) WritePacket(b []byte, dst Target) error {
+	to, err := u.dest(dst)
+	if err != nil {
+		return err
+	}
+	var serr error
+	err = u.raw.Write(func(fd uintptr) bool {
+		serr = sendtoNoWait(fd, b, to)
+		return true
+	})
+	if err != nil {
+		return err
+	}
+	return serr
+}
+
+// dest is the address a datagram for dst goes to: dst itself, or the real
+// address behind a fake-ip placeholder.
+func (u *directUDP) dest(dst Target) (netip.AddrPort, error) {
 	if dst.Addr.Addr().Is6() != u.v6 {
-		return fmt.Errorf("udp to %s: address family differs from the session's", dst)
+		return netip.AddrPort{}, fmt.Errorf("udp to %s: address family differs from the session's", dst)
 	}
 	to := dst.Addr
 	if a := to.Addr(); u.d.isFake(a) {
@@ -319,19 +339,11 @@ func (u *directUDP) WritePacket(b []byte, dst Target) error {
 			if start {
 				go u.resolve(dst)
 			}
-			return errResolving
+			return netip.AddrPort{}, errResolving
 		}
 		to = netip.AddrPortFrom(realAddr, to.Port())
 	}
-	var serr error
-	err := u.raw.Write(func(fd uintptr) bool {
-		serr = sendtoNoWait(fd, b, to)
-		return true
-	})
-	if err != nil {
-		return err
-	}
-	return serr
+	return to, nil
 }
 
 // resolve maps a placeholder destination in the background; the datagrams

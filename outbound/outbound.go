@@ -61,6 +61,22 @@ type PacketConn interface {
 	Close() error
 }
 
+// Datagram is one datagram of a batch.
+type Datagram struct {
+	Payload []byte
+	Dst     Target
+}
+
+// BatchWriter is implemented by packet conns that can send several
+// datagrams in one system call. WriteBatch sends ds in order and returns
+// how many went out; the others were dropped (a full socket buffer, an
+// unreachable destination), and err says why the first of them was. Unlike
+// WritePacket it may wait for socket buffer space, so its caller should be
+// a goroutine of its own; Close ends the wait.
+type BatchWriter interface {
+	WriteBatch(ds []Datagram) (sent int, err error)
+}
+
 // UDPCarrier is implemented by outbounds that can say up front whether
 // they carry UDP at all (reject, an HTTP proxy, SOCKS5 with udp: false),
 // so that a datagram routed to one is refused at once, with ICMP port
