@@ -84,6 +84,14 @@ func transportValid(proto tcpip.TransportProtocolNumber, src, dst tcpip.Address,
 		if len(seg) < header.UDPMinimumSize {
 			return true
 		}
+		// The checksum covers the datagram its length field gives, not
+		// bytes after it (RFC 768), which gVisor ignores as Linux does.
+		// A length past the packet is gVisor's to count as malformed.
+		n := int(header.UDP(seg).Length())
+		if n < header.UDPMinimumSize || n > len(seg) {
+			return true
+		}
+		seg = seg[:n]
 		if !v6 && header.UDP(seg).Checksum() == 0 {
 			return true // no checksum (RFC 768); IPv6 forbids it
 		}
