@@ -207,9 +207,18 @@ func (e *linkEndpoint) deliver(b []byte, trusted bool) {
 	pkt.DecRef()
 }
 
+// VectorWriter is implemented by devices that write one frame gathered
+// from several buffers (writev), sparing the copy into one.
+type VectorWriter interface {
+	WriteFrameVec(bufs [][]byte) (int, error)
+}
+
 func (e *linkEndpoint) writeLoop(isClosed func(error) bool) {
 	defer e.wg.Done()
 	buf := make([]byte, 0, virtio.HdrLen+maxPacket)
+	vw, _ := e.dev.(VectorWriter)
+	var hdr [virtio.HdrLen]byte
+	var bufs [][]byte
 	for {
 		var pkt *stack.PacketBuffer
 		select {
@@ -217,9 +226,22 @@ func (e *linkEndpoint) writeLoop(isClosed func(error) bool) {
 		case <-e.done:
 			return
 		}
-		frame := e.frame(buf[:0], pkt)
-		pkt.DecRef()
-		_, err := e.dev.WriteFrame(frame)
+		var err error
+		if vw != nil {
+			bufs = bufs[:0]
+			if e.virtio {
+				virtioHdrFor(pkt).Encode(hdr[:])
+				bufs = append(bufs, hdr[:])
+			}
+			bufs = append(bufs, pkt.AsSlices()...)
+			_, err = vw.WriteFrameVec(bufs)
+			clear(bufs) // no reference to the packet's views once it is released
+			pkt.DecRef()
+		} else {
+			frame := e.frame(buf[:0], pkt)
+			pkt.DecRef()
+			_, err = e.dev.WriteFrame(frame)
+		}
 		e.settled.Add(1)
 		if err != nil {
 			if isClosed(err) {

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"syscall"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -28,6 +29,7 @@ type Device struct {
 	mtu     int
 	offload bool
 	owned   bool // tungate created the link and removes it on Close
+	raw     syscall.RawConn
 	log     *slog.Logger
 }
 
@@ -78,6 +80,12 @@ func Open(cfg Config, log *slog.Logger) (*Device, error) {
 	// wireguard-go's device set the virtio-net header up exactly when it
 	// reads in batches.
 	d := &Device{dev: dev, file: dev.File(), name: name, mtu: cfg.MTU, offload: dev.BatchSize() > 1, owned: cfg.FD <= 0, log: log}
+	raw, err := d.file.SyscallConn()
+	if err != nil {
+		dev.Close()
+		return nil, fmt.Errorf("tun %s: %w", name, err)
+	}
+	d.raw = raw
 	if d.owned {
 		if err := d.configure(cfg); err != nil {
 			dev.Close()
@@ -184,6 +192,27 @@ func (d *Device) WriteFrame(b []byte) (int, error) {
 		return n, ErrClosed
 	}
 	return n, err
+}
+
+// WriteFrameVec writes one frame gathered from bufs with writev: gVisor's
+// packets are chains of views, and copying a 64 KiB super-packet into one
+// buffer first was 4 % of tungate's CPU in a download.
+func (d *Device) WriteFrameVec(bufs [][]byte) (int, error) {
+	var (
+		n    int
+		werr error
+	)
+	err := d.raw.Write(func(fd uintptr) bool {
+		n, werr = unix.Writev(int(fd), bufs)
+		return werr != unix.EAGAIN
+	})
+	if err != nil {
+		if errors.Is(err, os.ErrClosed) {
+			return 0, ErrClosed
+		}
+		return 0, err
+	}
+	return n, werr
 }
 
 // tcpOffloadsOnly keeps the checksum and TCP segmentation offloads that
