@@ -365,6 +365,7 @@ func (s *udpSession) sendLoop() {
 		select {
 		case d = <-s.sendq:
 		case <-s.ctx.Done():
+			s.table.stats.Dropped.Add(uint64(len(s.sendq))) // never sent
 			return
 		}
 		if bw == nil {

@@ -41,6 +41,13 @@ type udpBatch struct {
 	cmsgs  []byte
 	runs   []gsoRun
 	gsoOff atomic.Bool // the kernel refused UDP_SEGMENT on this socket
+
+	// The sendmmsg call's closure and its in and out values live here,
+	// made once, so that a call allocates nothing.
+	send      func(fd uintptr) bool
+	sendMsgs  []mmsghdr
+	sendN     int
+	sendErrno unix.Errno
 }
 
 // gsoRun is one message of a batch: datagrams [first, first+count) of ds,
@@ -186,28 +193,30 @@ func (u *directUDP) build(ds []Datagram, runs []gsoRun) {
 // buffer space, as a blocking socket would: the caller is a sender of its
 // own, and waiting paces it to the link instead of dropping.
 func (u *directUDP) sendmmsg(msgs []mmsghdr) (int, error) {
-	var (
-		n    int
-		serr error
-	)
-	err := u.raw.Write(func(fd uintptr) bool {
-		r, _, errno := unix.Syscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&msgs[0])), uintptr(len(msgs)), 0, 0, 0)
-		if errno == unix.EAGAIN {
-			return false
+	b := &u.batch
+	if b.send == nil {
+		b.send = func(fd uintptr) bool {
+			r, _, errno := unix.Syscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&b.sendMsgs[0])), uintptr(len(b.sendMsgs)), 0, 0, 0)
+			if errno == unix.EAGAIN {
+				return false
+			}
+			b.sendN, b.sendErrno = int(r), errno
+			return true
 		}
-		n, serr = int(r), nil
-		if errno != 0 {
-			n, serr = 0, errno
-		}
-		return true
-	})
+	}
+	b.sendMsgs = msgs
+	err := u.raw.Write(b.send)
+	b.sendMsgs = nil
 	if err != nil {
 		return 0, err
 	}
-	if serr == nil && n == 0 {
+	if b.sendErrno != 0 {
+		return 0, b.sendErrno
+	}
+	if b.sendN == 0 {
 		return 0, unix.EIO // no progress and no error: never expected
 	}
-	return n, serr
+	return b.sendN, nil
 }
 
 // sendOne sends one datagram, waiting for socket buffer space.
