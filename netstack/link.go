@@ -71,6 +71,9 @@ type linkEndpoint struct {
 	// through gVisor, for the UDP handler to refuse again without asking.
 	fastUDP  func(pkt []byte, trusted bool) udpVerdict
 	refusing atomic.Bool
+	// flush, when set, is called on the reader goroutine whenever the
+	// device has nothing more to read (see UDPFlusher).
+	flush func()
 
 	out     chan *stack.PacketBuffer
 	done    chan struct{}
@@ -109,13 +112,29 @@ func (e *linkEndpoint) start(isClosed func(error) bool) {
 	go e.writeLoop(isClosed)
 }
 
+// IdleReader is implemented by devices that can say when they have no
+// frame waiting: ReadFrameIdle reads like ReadFrame and calls idle before
+// each wait.
+type IdleReader interface {
+	ReadFrameIdle(b []byte, idle func()) (int, error)
+}
+
 func (e *linkEndpoint) readLoop(isClosed func(error) bool) {
 	defer e.wg.Done()
 	buf := make([]byte, virtio.HdrLen+maxPacket)
+	ir, _ := e.dev.(IdleReader)
+	flushEach := e.flush != nil && ir == nil
+	read := e.dev.ReadFrame
+	if ir != nil && e.flush != nil {
+		read = func(b []byte) (int, error) { return ir.ReadFrameIdle(b, e.flush) }
+	}
 	for {
-		n, err := e.dev.ReadFrame(buf)
+		n, err := read(buf)
 		if err == nil {
 			e.deliverFrame(buf[:n])
+			if flushEach {
+				e.flush()
+			}
 			continue
 		}
 		select {
@@ -233,7 +252,7 @@ func (e *linkEndpoint) writeLoop(isClosed func(error) bool) {
 				virtioHdrFor(pkt).Encode(hdr[:])
 				bufs = append(bufs, hdr[:])
 			}
-			bufs = append(bufs, pkt.AsSlices()...)
+			bufs = appendViews(bufs, pkt)
 			_, err = vw.WriteFrameVec(bufs)
 			clear(bufs) // no reference to the packet's views once it is released
 			pkt.DecRef()
@@ -256,6 +275,22 @@ func (e *linkEndpoint) writeLoop(isClosed func(error) bool) {
 	}
 }
 
+// appendViews appends the slices that make up pkt, headers first, to
+// bufs, without the allocation PacketBuffer.AsSlices makes.
+func appendViews(bufs [][]byte, pkt *stack.PacketBuffer) [][]byte {
+	views, skip := pkt.AsViewList()
+	for v := views.Front(); v != nil; v = v.Next() {
+		b := v.AsSlice()
+		if skip >= len(b) {
+			skip -= len(b)
+			continue
+		}
+		bufs = append(bufs, b[skip:])
+		skip = 0
+	}
+	return bufs
+}
+
 // frame appends pkt to b as one device frame: with a virtio-net header
 // describing gVisor's offload request when the device has one.
 func (e *linkEndpoint) frame(b []byte, pkt *stack.PacketBuffer) []byte {
@@ -263,7 +298,8 @@ func (e *linkEndpoint) frame(b []byte, pkt *stack.PacketBuffer) []byte {
 		b = b[:virtio.HdrLen]
 		virtioHdrFor(pkt).Encode(b)
 	}
-	for _, s := range pkt.AsSlices() {
+	var views [8][]byte
+	for _, s := range appendViews(views[:0], pkt) {
 		b = append(b, s...)
 	}
 	return b

@@ -33,6 +33,14 @@ type Handler interface {
 	HandleUDP(src, dst netip.AddrPort, payload []byte) bool
 }
 
+// UDPFlusher is implemented by handlers that hold the datagrams of a burst
+// to send them together. FlushUDP is called, on the goroutine that calls
+// HandleUDP, whenever the device has no more packets waiting (or after
+// every packet, for a device that cannot tell).
+type UDPFlusher interface {
+	FlushUDP()
+}
+
 // Config tunes the stack.
 type Config struct {
 	// MTU of the device; gVisor derives its MSS from it.
@@ -97,6 +105,9 @@ func New(dev Device, h Handler, cfg Config, log *slog.Logger) (*Stack, error) {
 	}
 	s.link = newLinkEndpoint(dev, uint32(cfg.MTU), log)
 	s.link.fastUDP = s.fastUDP
+	if f, ok := h.(UDPFlusher); ok {
+		s.link.flush = f.FlushUDP
+	}
 	if err := s.setup(); err != nil {
 		s.stack.Close()
 		return nil, err

@@ -125,8 +125,12 @@ func (u *directUDP) sendRuns(ds []Datagram) (int, error) {
 				i += n
 				continue
 			}
+			if errors.Is(err, unix.EAGAIN) {
+				// The socket buffer is full: the rest would fail alike.
+				return sent, cmp(firstErr, err)
+			}
 			r := b.runs[start+i]
-			if r.count > 1 && !errors.Is(err, unix.EAGAIN) {
+			if r.count > 1 {
 				// The kernel takes UDP_SEGMENT only when the device can
 				// checksum (EIO otherwise) and each datagram fits the
 				// path MTU (EINVAL): send this run one by one.
@@ -189,17 +193,13 @@ func (u *directUDP) build(ds []Datagram, runs []gsoRun) {
 	}
 }
 
-// sendmmsg sends msgs and returns how many left. It waits for socket
-// buffer space, as a blocking socket would: the caller is a sender of its
-// own, and waiting paces it to the link instead of dropping.
+// sendmmsg sends msgs and returns how many left. It never waits: with
+// the socket buffer full it fails with EAGAIN.
 func (u *directUDP) sendmmsg(msgs []mmsghdr) (int, error) {
 	b := &u.batch
 	if b.send == nil {
 		b.send = func(fd uintptr) bool {
-			r, _, errno := unix.Syscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&b.sendMsgs[0])), uintptr(len(b.sendMsgs)), 0, 0, 0)
-			if errno == unix.EAGAIN {
-				return false
-			}
+			r, _, errno := unix.Syscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&b.sendMsgs[0])), uintptr(len(b.sendMsgs)), unix.MSG_DONTWAIT, 0, 0)
 			b.sendN, b.sendErrno = int(r), errno
 			return true
 		}
@@ -219,12 +219,12 @@ func (u *directUDP) sendmmsg(msgs []mmsghdr) (int, error) {
 	return b.sendN, nil
 }
 
-// sendOne sends one datagram, waiting for socket buffer space.
+// sendOne sends one datagram, without waiting.
 func (u *directUDP) sendOne(b []byte, to netip.AddrPort) error {
 	var serr error
 	err := u.raw.Write(func(fd uintptr) bool {
-		serr = unix.Sendto(int(fd), b, 0, sockaddr(to))
-		return serr != unix.EAGAIN
+		serr = sendtoNoWait(fd, b, to)
+		return true
 	})
 	if err != nil {
 		return err

@@ -70,9 +70,8 @@ type Datagram struct {
 // BatchWriter is implemented by packet conns that can send several
 // datagrams in one system call. WriteBatch sends ds in order and returns
 // how many went out; the others were dropped (a full socket buffer, an
-// unreachable destination), and err says why the first of them was. Unlike
-// WritePacket it may wait for socket buffer space, so its caller should be
-// a goroutine of its own; Close ends the wait.
+// unreachable destination), and err says why the first of them was. Like
+// WritePacket it never waits.
 type BatchWriter interface {
 	WriteBatch(ds []Datagram) (sent int, err error)
 }

@@ -374,6 +374,9 @@ func (h *flowHandler) HandleUDP(src, dst netip.AddrPort, payload []byte) bool {
 	return h.g.udp.Handle(src, dst, payload)
 }
 
+// FlushUDP implements netstack.UDPFlusher.
+func (h *flowHandler) FlushUDP() { h.g.udp.Flush() }
+
 type tcpFlow struct{ *netstack.TCPRequest }
 
 func (f tcpFlow) Accept() (forwarder.AppConn, error) {
