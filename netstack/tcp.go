@@ -94,6 +94,10 @@ type TCPConn struct {
 	local, remote *net.TCPAddr
 
 	readMu, writeMu    sync.Mutex
+	// The reader and writer gVisor copies through, kept here so that a
+	// Read or Write does not allocate one: under readMu and writeMu.
+	readTo    tcpip.SliceWriter
+	writeFrom bytes.Reader
 	readEntry, wrEntry waiter.Entry
 	readReady, wrReady chan struct{}
 	readDL, writeDL    atomic.Pointer[time.Time]
@@ -157,9 +161,10 @@ func (c *TCPConn) Read(b []byte) (int, error) {
 	if c.isClosed() {
 		return 0, c.opErr("read", net.ErrClosed)
 	}
+	defer func() { c.readTo = nil }() // b is the caller's again
 	for {
-		w := tcpip.SliceWriter(b)
-		res, err := c.ep.Read(&w, tcpip.ReadOptions{})
+		c.readTo = b
+		res, err := c.ep.Read(&c.readTo, tcpip.ReadOptions{})
 		if err == nil {
 			return res.Count, nil
 		}
@@ -196,11 +201,12 @@ func (c *TCPConn) Write(b []byte) (int, error) {
 	if c.isClosed() {
 		return 0, c.opErr("write", net.ErrClosed)
 	}
-	var r bytes.Reader
+	r := &c.writeFrom
 	r.Reset(b)
+	defer r.Reset(nil) // b is the caller's again
 	written := 0
 	for r.Len() > 0 {
-		n, err := c.ep.Write(&r, tcpip.WriteOptions{})
+		n, err := c.ep.Write(r, tcpip.WriteOptions{})
 		written += int(n)
 		if err == nil {
 			continue

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"syscall"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -42,13 +43,16 @@ func sendtoNoWait(fd uintptr, b []byte, dst netip.AddrPort) error {
 // the peer closed, or the socket has an error. A peek consumes a pending
 // socket error (a RST), so that error is returned here: the next read would
 // not see it.
+//
+// The system call is made directly: unix.Recvfrom allocates room for a
+// source address a TCP socket never has, once per wait of every flow.
 func peekReady(fd uintptr, b []byte) (bool, error) {
-	_, _, err := unix.Recvfrom(int(fd), b, unix.MSG_PEEK|unix.MSG_DONTWAIT)
-	switch err {
-	case nil:
+	_, _, errno := unix.Syscall6(unix.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(unsafe.SliceData(b))), uintptr(len(b)), unix.MSG_PEEK|unix.MSG_DONTWAIT, 0, 0)
+	switch errno {
+	case 0:
 		return true, nil
 	case unix.EAGAIN, unix.EINTR:
 		return false, nil
 	}
-	return true, err
+	return true, errno
 }
