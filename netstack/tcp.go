@@ -93,11 +93,11 @@ type TCPConn struct {
 	wq            *waiter.Queue
 	local, remote *net.TCPAddr
 
-	readMu, writeMu    sync.Mutex
+	readMu, writeMu sync.Mutex
 	// The reader and writer gVisor copies through, kept here so that a
 	// Read or Write does not allocate one: under readMu and writeMu.
-	readTo    tcpip.SliceWriter
-	writeFrom bytes.Reader
+	readTo             tcpip.SliceWriter
+	writeFrom          bytes.Reader
 	readEntry, wrEntry waiter.Entry
 	readReady, wrReady chan struct{}
 	readDL, writeDL    atomic.Pointer[time.Time]
