@@ -221,7 +221,7 @@ func (e *linkEndpoint) deliver(b []byte, trusted bool) {
 		return
 	}
 	e.packetsIn.Add(1)
-	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(b)})
+	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: packetData(b)})
 	d.DeliverNetworkPacket(proto, pkt)
 	pkt.DecRef()
 }
@@ -230,6 +230,25 @@ func (e *linkEndpoint) deliver(b []byte, trusted bool) {
 // from several buffers (writev), sparing the copy into one.
 type VectorWriter interface {
 	WriteFrameVec(bufs [][]byte) (int, error)
+}
+
+// headView is how much of a large packet goes into a view of its own:
+// room for IPv4 or IPv6 and TCP headers with options.
+const headView = 128
+
+// packetData copies a received packet into gVisor buffers. A large one is
+// split into its first bytes and the rest: gVisor holds a second reference
+// to the network header's view while it handles a packet, and reading a
+// later header out of a shared view copies the view's whole chunk. With
+// TSO super-packets in one view that was a 64 KiB clear and copy per
+// packet, 8 % of tungate's CPU in an upload; now it copies 128 bytes.
+func packetData(b []byte) buffer.Buffer {
+	if len(b) <= 4*headView {
+		return buffer.MakeWithData(b)
+	}
+	data := buffer.MakeWithData(b[:headView])
+	data.Append(buffer.NewViewWithData(b[headView:])) // never fails for a fresh view
+	return data
 }
 
 func (e *linkEndpoint) writeLoop(isClosed func(error) bool) {
