@@ -123,16 +123,29 @@ func (e *linkEndpoint) readLoop(isClosed func(error) bool) {
 	defer e.wg.Done()
 	buf := make([]byte, virtio.HdrLen+maxPacket)
 	ir, _ := e.dev.(IdleReader)
-	flushEach := e.flush != nil && ir == nil
 	read := e.dev.ReadFrame
-	if ir != nil && e.flush != nil {
-		read = func(b []byte) (int, error) { return ir.ReadFrameIdle(b, e.flush) }
+	flushEvery := 0 // frames between flushes when the device never runs dry
+	sinceFlush := 0
+	if e.flush != nil {
+		flushEvery = 1 // a device that cannot tell when it is idle
+		if ir != nil {
+			// A busy TUN may not run dry for a long time (a bulk upload
+			// keeps it full); a datagram waits for at most this many
+			// frames, well under a millisecond.
+			flushEvery = 64
+			idle := func() {
+				sinceFlush = 0
+				e.flush()
+			}
+			read = func(b []byte) (int, error) { return ir.ReadFrameIdle(b, idle) }
+		}
 	}
 	for {
 		n, err := read(buf)
 		if err == nil {
 			e.deliverFrame(buf[:n])
-			if flushEach {
+			if sinceFlush++; flushEvery > 0 && sinceFlush >= flushEvery {
+				sinceFlush = 0
 				e.flush()
 			}
 			continue
