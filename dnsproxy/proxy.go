@@ -253,7 +253,7 @@ func (p *Proxy) Exchange(ctx context.Context, q *dns.Msg) (*dns.Msg, error) {
 	if msg.Rcode == dns.RcodeSuccess && (key.qtype == dns.TypeA || key.qtype == dns.TypeAAAA) {
 		p.names.record(bare, msg.Answer)
 	}
-	return p.fromCache(q, key.name, msg, age, stale), nil
+	return p.fromCache(q, key, msg, age, stale), nil
 }
 
 // replyTo returns an empty answer to q with rcode, with an OPT record when
@@ -314,11 +314,11 @@ func (p *Proxy) fakePTR(q *dns.Msg, addr netip.Addr) *dns.Msg {
 
 // fromCache builds the answer to q from a cached (shared, read-only) upstream
 // answer of age: TTLs lowered by the age, or 1 when stale; owner names equal
-// to the question written as the client wrote them.
-func (p *Proxy) fromCache(q *dns.Msg, name string, msg *dns.Msg, age time.Duration, stale bool) *dns.Msg {
+// to the question written as the client wrote them. key is q's cache key.
+func (p *Proxy) fromCache(q *dns.Msg, key cacheKey, msg *dns.Msg, age time.Duration, stale bool) *dns.Msg {
 	r := replyTo(q, msg.Rcode)
-	opt := q.IsEdns0()
-	r.AuthenticatedData = msg.AuthenticatedData && (q.AuthenticatedData || (opt != nil && opt.Do()))
+	r.AuthenticatedData = msg.AuthenticatedData && (q.AuthenticatedData || key.do)
+	name := key.name
 	elapsed := uint32(min(age/time.Second, 1<<31))
 	qname := q.Question[0].Name
 	copyRRs := func(rrs []dns.RR) []dns.RR {

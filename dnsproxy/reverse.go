@@ -31,15 +31,7 @@ func newAddrNames(max int) *addrNames {
 func (a *addrNames) record(name string, answer []dns.RR) {
 	var locked bool
 	for _, rr := range answer {
-		var addr netip.Addr
-		switch rr := rr.(type) {
-		case *dns.A:
-			addr, _ = netip.AddrFromSlice(rr.A.To4())
-		case *dns.AAAA:
-			addr, _ = netip.AddrFromSlice(rr.AAAA.To16())
-		default:
-			continue
-		}
+		addr := rrAddr(rr)
 		if !addr.IsValid() {
 			continue
 		}

@@ -118,10 +118,11 @@ func (r *Router) index() {
 			// flow's domain (which covers the name itself); exact names
 			// carry a marker so they only match the whole domain.
 			for d := range ru.domains {
-				addIndex(r.byDomain, exactKey(d), idx)
+				k := exactKey(d)
+				r.byDomain[k] = appendOnce(r.byDomain[k], idx)
 			}
 			for _, sfx := range ru.suffixes {
-				addIndex(r.byDomain, sfx, idx)
+				r.byDomain[sfx] = appendOnce(r.byDomain[sfx], idx)
 			}
 		case !ru.hasDomainCondition() && len(ru.dst) > 0:
 			for _, p := range ru.dst {
@@ -150,10 +151,6 @@ func (r *Router) index() {
 	slices.Reverse(r.byPrefix.lengths4)
 	slices.Sort(r.byPrefix.lengths6)
 	slices.Reverse(r.byPrefix.lengths6)
-}
-
-func addIndex(m map[string][]int32, key string, idx int32) {
-	m[key] = appendOnce(m[key], idx)
 }
 
 // appendOnce appends idx unless it is already last; indexes arrive in
