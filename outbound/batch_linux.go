@@ -219,19 +219,6 @@ func (u *directUDP) sendmmsg(msgs []mmsghdr) (int, error) {
 	return b.sendN, nil
 }
 
-// sendOne sends one datagram, without waiting.
-func (u *directUDP) sendOne(b []byte, to netip.AddrPort) error {
-	var serr error
-	err := u.raw.Write(func(fd uintptr) bool {
-		serr = sendtoNoWait(fd, b, to)
-		return true
-	})
-	if err != nil {
-		return err
-	}
-	return serr
-}
-
 // putSockaddr writes ap into sa as a struct sockaddr_in or sockaddr_in6
 // and returns the pointer and length a msghdr takes.
 func putSockaddr(sa *unix.RawSockaddrInet6, ap netip.AddrPort) (*byte, uint32) {

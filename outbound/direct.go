@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -269,6 +270,7 @@ type directUDP struct {
 	toReal    map[netip.Addr]netip.Addr
 	toFake    map[netip.Addr]netip.Addr
 	resolving map[netip.Addr]bool
+	mapped    atomic.Bool // toFake has an entry: ReadPacket must look
 
 	batch udpBatch // WriteBatch's reusable state, where the system has one
 }
@@ -282,16 +284,19 @@ func (u *directUDP) mapFake(fake, realAddr netip.Addr) {
 	}
 	u.toReal[fake] = realAddr
 	u.toFake[realAddr] = fake
+	u.mapped.Store(true)
 }
 
 func (u *directUDP) ReadPacket(b []byte) (int, netip.AddrPort, error) {
 	n, from, err := u.conn.ReadFromUDPAddrPort(b)
 	a := from.Addr().Unmap()
-	u.mu.Lock()
-	if fake, ok := u.toFake[a]; ok {
-		a = fake
+	if u.mapped.Load() {
+		u.mu.Lock()
+		if fake, ok := u.toFake[a]; ok {
+			a = fake
+		}
+		u.mu.Unlock()
 	}
-	u.mu.Unlock()
 	return n, netip.AddrPortFrom(a, from.Port()), err
 }
 
@@ -306,8 +311,13 @@ func (u *directUDP) WritePacket(b []byte, dst Target) error {
 	if err != nil {
 		return err
 	}
+	return u.sendOne(b, to)
+}
+
+// sendOne sends one datagram, without waiting.
+func (u *directUDP) sendOne(b []byte, to netip.AddrPort) error {
 	var serr error
-	err = u.raw.Write(func(fd uintptr) bool {
+	err := u.raw.Write(func(fd uintptr) bool {
 		serr = sendtoNoWait(fd, b, to)
 		return true
 	})

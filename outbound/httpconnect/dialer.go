@@ -10,18 +10,12 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"os"
 	"strconv"
 	"strings"
 	"sync/atomic"
-	"time"
 
 	"github.com/tungate/tungate/outbound"
 )
-
-// handshakeTimeout bounds the exchange with the proxy when the dial
-// context has no deadline, so that a silent proxy cannot hang a flow.
-const handshakeTimeout = 10 * time.Second
 
 // Dialer is an HTTP CONNECT outbound. It is safe for concurrent use.
 type Dialer struct {
@@ -106,45 +100,17 @@ func authority(dst outbound.Target) (string, error) {
 	return net.JoinHostPort(host, strconv.Itoa(int(dst.Addr.Port()))), nil
 }
 
-// connect dials the proxy and sends the CONNECT for dst. The exchange is
-// bounded by ctx's deadline (or handshakeTimeout) and cut short when ctx
-// ends.
+// connect dials the proxy and sends the CONNECT for dst, bounded as
+// outbound.DialProxy bounds it.
 func (d *Dialer) connect(ctx context.Context, dst outbound.Target) (outbound.TCPConn, error) {
 	target, err := authority(dst)
 	if err != nil {
 		return nil, err
 	}
-	conn, err := d.base.DialTCP(ctx, outbound.Target{Addr: d.server})
-	if err != nil {
-		return nil, fmt.Errorf("proxy %s: %w", d.server, err)
-	}
-	deadline, ok := ctx.Deadline()
-	if !ok {
-		deadline = time.Now().Add(handshakeTimeout)
-	}
-	if err := conn.SetDeadline(deadline); err != nil {
-		conn.Close()
-		return nil, err
-	}
-	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
-	result, err := d.exchange(conn, target)
-	if !stop() {
-		// ctx ended; its deadline may be set on conn at any moment.
-		if err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
-			err = context.Cause(ctx)
-		}
-		if err == nil {
-			err = context.Canceled
-		}
-	}
-	if err == nil {
-		err = conn.SetDeadline(time.Time{})
-	}
-	if err != nil {
-		conn.Close()
-		return nil, err
-	}
-	return result, nil
+	_, tunnel, err := outbound.DialProxy(ctx, d.base, d.server, func(conn outbound.TCPConn) (outbound.TCPConn, error) {
+		return d.exchange(conn, target)
+	})
+	return tunnel, err
 }
 
 // exchange sends the request and reads the response. Bytes the proxy sent

@@ -7,16 +7,10 @@ import (
 	"io"
 	"log/slog"
 	"net/netip"
-	"os"
 	"sync/atomic"
-	"time"
 
 	"github.com/tungate/tungate/outbound"
 )
-
-// handshakeTimeout bounds the exchange with the proxy when the dial
-// context has no deadline, so that a silent proxy cannot hang a flow.
-const handshakeTimeout = 10 * time.Second
 
 // Dialer is a SOCKS5 outbound. It is safe for concurrent use.
 type Dialer struct {
@@ -60,12 +54,12 @@ func (d *Dialer) DialTCP(ctx context.Context, dst outbound.Target) (outbound.TCP
 	return conn, nil
 }
 
-// ListenUDP implements outbound.Dialer with a UDP ASSOCIATE: one
-// association per session, living as long as its control connection.
 // CarriesUDP implements outbound.UDPCarrier: UDP goes through UDP
 // ASSOCIATE unless the outbound has udp: false.
 func (d *Dialer) CarriesUDP() bool { return d.cfg.UDP }
 
+// ListenUDP implements outbound.Dialer with a UDP ASSOCIATE: one
+// association per session, living as long as its control connection.
 func (d *Dialer) ListenUDP(ctx context.Context, first outbound.Target) (outbound.PacketConn, error) {
 	if !d.cfg.UDP {
 		return nil, fmt.Errorf("socks5 %s: udp to %s: %w", d.cfg.Name, first, refusal("UDP is disabled for this outbound"))
@@ -89,41 +83,12 @@ func (d *Dialer) countFailure(err error) {
 	}
 }
 
-// open connects to the proxy and runs the handshake for cmd to dst. The
-// handshake is bounded by ctx's deadline (or handshakeTimeout) and cut
-// short when ctx ends.
+// open connects to the proxy and runs the handshake for cmd to dst,
+// bounded as outbound.DialProxy bounds it.
 func (d *Dialer) open(ctx context.Context, cmd byte, dst outbound.Target) (outbound.TCPConn, socksAddr, error) {
-	conn, err := d.base.DialTCP(ctx, outbound.Target{Addr: d.server})
-	if err != nil {
-		return nil, socksAddr{}, fmt.Errorf("proxy %s: %w", d.server, err)
-	}
-	deadline, ok := ctx.Deadline()
-	if !ok {
-		deadline = time.Now().Add(handshakeTimeout)
-	}
-	if err := conn.SetDeadline(deadline); err != nil {
-		conn.Close()
-		return nil, socksAddr{}, err
-	}
-	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
-	bound, err := d.handshake(conn, cmd, dst)
-	if !stop() {
-		// ctx ended; its deadline may be set on conn at any moment.
-		if err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
-			err = context.Cause(ctx)
-		}
-		if err == nil {
-			err = context.Canceled
-		}
-	}
-	if err == nil {
-		err = conn.SetDeadline(time.Time{})
-	}
-	if err != nil {
-		conn.Close()
-		return nil, socksAddr{}, err
-	}
-	return conn, bound, nil
+	return outbound.DialProxy(ctx, d.base, d.server, func(conn outbound.TCPConn) (socksAddr, error) {
+		return d.handshake(conn, cmd, dst)
+	})
 }
 
 // handshake runs method selection, authentication and the request for
