@@ -197,30 +197,15 @@ func nearestRank(n int, q float64) int {
 // waits for its goroutines.
 func oneShotServer(t *testing.T, ns *netlab.NS) uint16 {
 	t.Helper()
-	ln, err := ns.Listen("tcp", ":0")
-	if err != nil {
-		t.Fatalf("one-shot server: %v", err)
-	}
-	var wg sync.WaitGroup
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
-	wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Go(func() {
-				defer c.Close()
-				c.SetDeadline(time.Now().Add(ioTimeout))
-				var b [1]byte
-				if _, err := io.ReadFull(c, b[:]); err != nil {
-					return
-				}
-				c.Write([]byte{'a'})
-			})
+	addr := ns.ServeTCP(t, ":0", func(c net.Conn) {
+		c.SetDeadline(time.Now().Add(ioTimeout))
+		var b [1]byte
+		if _, err := io.ReadFull(c, b[:]); err != nil {
+			return
 		}
+		c.Write([]byte{'a'})
 	})
-	return uint16(ln.Addr().(*net.TCPAddr).Port)
+	return uint16(addr.(*net.TCPAddr).Port)
 }
 
 // memResult is what the memory figure measures.

@@ -10,7 +10,6 @@ import (
 	"net/netip"
 	"os"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -74,49 +73,12 @@ func twoUplinkLab(t *testing.T) *netlab.Lab {
 // t.Cleanup closes it and its connections and waits for its goroutines.
 func sourceServer(t *testing.T, ns *netlab.NS, addr string) {
 	t.Helper()
-	ln, err := ns.Listen("tcp", addr)
-	if err != nil {
-		t.Fatalf("listen %s: %v", addr, err)
-	}
-	var (
-		wg     sync.WaitGroup
-		mu     sync.Mutex
-		conns  = map[net.Conn]bool{}
-		closed bool
-	)
-	wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			if closed {
-				mu.Unlock()
-				c.Close()
-				return
-			}
-			conns[c] = true
-			mu.Unlock()
-			wg.Go(func() {
-				defer c.Close()
-				from := netip.MustParseAddrPort(c.RemoteAddr().String()).Addr().Unmap()
-				if _, err := io.WriteString(c, from.String()+"\n"); err != nil {
-					return
-				}
-				io.Copy(c, c)
-			})
+	ns.ServeTCP(t, addr, func(c net.Conn) {
+		from := netip.MustParseAddrPort(c.RemoteAddr().String()).Addr().Unmap()
+		if _, err := io.WriteString(c, from.String()+"\n"); err != nil {
+			return
 		}
-	})
-	t.Cleanup(func() {
-		mu.Lock()
-		closed = true
-		ln.Close()
-		for c := range conns {
-			c.Close()
-		}
-		mu.Unlock()
-		wg.Wait()
+		io.Copy(c, c)
 	})
 }
 

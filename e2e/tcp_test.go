@@ -47,43 +47,28 @@ func hashOf(r io.Reader) ([32]byte, int64) {
 // answers with their SHA-256; 'D' (download) sends the 64 MiB stream and
 // closes.
 func bulkServer(t *testing.T, ns *netlab.NS, addr string, seed uint64) {
-	ln, err := ns.Listen("tcp", addr)
-	if err != nil {
-		t.Fatalf("listen %s: %v", addr, err)
-	}
-	var wg sync.WaitGroup
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
-	wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
+	ns.ServeTCP(t, addr, func(c net.Conn) {
+		c.SetDeadline(time.Now().Add(2 * time.Minute))
+		var kind [1]byte
+		if _, err := io.ReadFull(c, kind[:]); err != nil {
+			return
+		}
+		switch kind[0] {
+		case 'U':
+			sum, _ := hashOf(c)
+			c.Write(sum[:])
+		case 'L':
+			// Length-prefixed upload, for paths that do not carry a
+			// half-close (some proxies close both directions on the
+			// client's FIN).
+			var n [8]byte
+			if _, err := io.ReadFull(c, n[:]); err != nil {
 				return
 			}
-			wg.Go(func() {
-				defer c.Close()
-				c.SetDeadline(time.Now().Add(2 * time.Minute))
-				var kind [1]byte
-				if _, err := io.ReadFull(c, kind[:]); err != nil {
-					return
-				}
-				switch kind[0] {
-				case 'U':
-					sum, _ := hashOf(c)
-					c.Write(sum[:])
-				case 'L':
-					// Length-prefixed upload, for paths that do not
-					// carry a half-close (some proxies close both
-					// directions on the client's FIN).
-					var n [8]byte
-					if _, err := io.ReadFull(c, n[:]); err != nil {
-						return
-					}
-					sum, _ := hashOf(io.LimitReader(c, int64(binary.BigEndian.Uint64(n[:]))))
-					c.Write(sum[:])
-				case 'D':
-					io.Copy(c, stream(seed))
-				}
-			})
+			sum, _ := hashOf(io.LimitReader(c, int64(binary.BigEndian.Uint64(n[:]))))
+			c.Write(sum[:])
+		case 'D':
+			io.Copy(c, stream(seed))
 		}
 	})
 }

@@ -15,16 +15,16 @@ import (
 // goroutines after closing its sockets.
 const serverStopTimeout = 5 * time.Second
 
-// TCPEcho listens on addr (TCP) inside the namespace and echoes every
-// connection until the client's EOF, then half-closes (CloseWrite) and
-// closes it. It returns the listener's address. The listener and all open
-// connections are closed in t.Cleanup, which waits for the server's
+// ServeTCP listens on addr (TCP) inside the namespace and runs handle on a
+// goroutine of its own for every connection, closing the connection when
+// handle returns. It returns the listener's address. The listener and all
+// open connections are closed in t.Cleanup, which waits for the server's
 // goroutines.
-func (n *NS) TCPEcho(t testing.TB, addr string) net.Addr {
+func (n *NS) ServeTCP(t testing.TB, addr string, handle func(net.Conn)) net.Addr {
 	t.Helper()
 	ln, err := n.Listen("tcp", addr)
 	if err != nil {
-		t.Fatalf("netlab: TCPEcho: %v", err)
+		t.Fatalf("netlab: ServeTCP: %v", err)
 	}
 	var (
 		wg     sync.WaitGroup
@@ -53,12 +53,7 @@ func (n *NS) TCPEcho(t testing.TB, addr string) net.Addr {
 					mu.Unlock()
 					c.Close()
 				}()
-				if _, err := io.Copy(c, c); err != nil {
-					return
-				}
-				if cw, ok := c.(interface{ CloseWrite() error }); ok {
-					cw.CloseWrite()
-				}
+				handle(c)
 			})
 		}
 	})
@@ -70,9 +65,24 @@ func (n *NS) TCPEcho(t testing.TB, addr string) net.Addr {
 			c.Close()
 		}
 		mu.Unlock()
-		waitGroup(t, &wg, "TCPEcho "+ln.Addr().String())
+		waitGroup(t, &wg, "ServeTCP "+ln.Addr().String())
 	})
 	return ln.Addr()
+}
+
+// TCPEcho listens on addr (TCP) inside the namespace and echoes every
+// connection until the client's EOF, then half-closes (CloseWrite) and
+// closes it. It returns the listener's address; see ServeTCP.
+func (n *NS) TCPEcho(t testing.TB, addr string) net.Addr {
+	t.Helper()
+	return n.ServeTCP(t, addr, func(c net.Conn) {
+		if _, err := io.Copy(c, c); err != nil {
+			return
+		}
+		if cw, ok := c.(interface{ CloseWrite() error }); ok {
+			cw.CloseWrite()
+		}
+	})
 }
 
 // UDPEcho listens on addr (UDP) inside the namespace and sends every
