@@ -326,20 +326,7 @@ func TestInstallCgroupErrorsChangeNothing(t *testing.T) {
 }
 
 func TestInstallWithCgroupsFailureLeavesNothing(t *testing.T) {
-	for fail := 1; fail <= 4; fail++ {
-		t.Run(fmt.Sprint("add ", fail, " fails"), func(t *testing.T) {
-			c := cgroupConfig(t)
-			k := newFakeKernel(t)
-			k.failAdd = fail
-			log, _ := testLogger(t)
-			if _, err := install(c, k, log); err == nil || !strings.Contains(err.Error(), "injected failure") {
-				t.Fatalf("install: %v, want the injected failure", err)
-			}
-			if k.state() != "" {
-				t.Errorf("left behind:\n%s", k.state())
-			}
-		})
-	}
+	testInstallFailureLeavesNothing(t, 4, cgroupConfig)
 }
 
 func TestCgroupLeftovers(t *testing.T) {

@@ -275,9 +275,15 @@ func TestInstallJournalsBeforeEachChangeAndCloseUndoes(t *testing.T) {
 }
 
 func TestInstallFailureLeavesNothing(t *testing.T) {
-	for fail := 1; fail <= 10; fail++ {
+	testInstallFailureLeavesNothing(t, 10, journalConfig)
+}
+
+// testInstallFailureLeavesNothing fails each of the first adds kernel adds
+// of install(config(t)) in turn and checks that nothing is left behind.
+func testInstallFailureLeavesNothing(t *testing.T, adds int, config func(*testing.T) Config) {
+	for fail := 1; fail <= adds; fail++ {
 		t.Run(fmt.Sprint("add ", fail, " fails"), func(t *testing.T) {
-			c := journalConfig(t)
+			c := config(t)
 			k := newFakeKernel(t)
 			k.failAdd = fail
 			log, _ := testLogger(t)

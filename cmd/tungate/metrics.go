@@ -3,6 +3,7 @@ package main
 import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/tungate/tungate/netstack"
 	"github.com/tungate/tungate/outbound"
 	"github.com/tungate/tungate/outbound/httpconnect"
 	"github.com/tungate/tungate/outbound/socks5"
@@ -18,15 +19,7 @@ func registerMetrics(reg *prometheus.Registry, g *gateway) {
 	gauge := func(name, help string, f func() float64) {
 		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "tungate", Name: name, Help: help}, f))
 	}
-	stack := g.stack
-	counter("packets_in_total", "IP packets read from the TUN.", func() float64 { return float64(stack.Stats().PacketsIn) })
-	counter("packets_out_total", "IP packets written to the TUN.", func() float64 { return float64(stack.Stats().PacketsOut) })
-	counter("packets_malformed_total", "Packets dropped as malformed.", func() float64 { return float64(stack.Stats().Malformed) })
-	counter("tcp_syn_dropped_in_flight_total", "SYNs dropped because stack.tcp.max_in_flight dials were under way.", func() float64 { return float64(stack.Stats().SYNsDroppedInFlight) })
-	counter("tun_read_errors_total", "Failed TUN reads.", func() float64 { return float64(stack.Stats().TUNReadErrors) })
-	counter("tun_write_errors_total", "Failed TUN writes.", func() float64 { return float64(stack.Stats().TUNWriteErrors) })
-	counter("udp_refused_total", "UDP datagrams refused (ICMP port unreachable to the app).", func() float64 { return float64(stack.Stats().UDPRefused) })
-	counter("udp_reply_too_big_total", "UDP replies too big to send to the app.", func() float64 { return float64(stack.Stats().UDPReplyTooBig) })
+	reg.MustRegister(newStackCollector(g.stack))
 
 	tcp := g.tcp.Stats()
 	counter("tcp_flows_total", "TCP flows relayed.", func() float64 { return float64(tcp.Accepted.Load()) })
@@ -52,6 +45,48 @@ func registerMetrics(reg *prometheus.Registry, g *gateway) {
 	counter("udp_packets_up_total", "UDP datagrams sent upstream.", func() float64 { return float64(udp.PacketsUp.Load()) })
 	counter("udp_packets_down_total", "UDP datagrams delivered to apps.", func() float64 { return float64(udp.PacketsDown.Load()) })
 	counter("udp_dropped_total", "UDP datagrams dropped (session not ready, send failed, symmetric mismatch).", func() float64 { return float64(udp.Dropped.Load()) })
+}
+
+// stackMetric is one of the netstack's counters.
+type stackMetric struct {
+	desc *prometheus.Desc
+	val  func(netstack.Stats) uint64
+}
+
+// stackCollector exports the netstack's counters from one Stats snapshot
+// a scrape (Stats copies gVisor's whole statistics tree).
+type stackCollector struct {
+	stack   *netstack.Stack
+	metrics []stackMetric
+}
+
+func newStackCollector(stack *netstack.Stack) *stackCollector {
+	c := &stackCollector{stack: stack}
+	m := func(name, help string, val func(netstack.Stats) uint64) {
+		c.metrics = append(c.metrics, stackMetric{prometheus.NewDesc("tungate_"+name, help, nil, nil), val})
+	}
+	m("packets_in_total", "IP packets read from the TUN.", func(s netstack.Stats) uint64 { return s.PacketsIn })
+	m("packets_out_total", "IP packets written to the TUN.", func(s netstack.Stats) uint64 { return s.PacketsOut })
+	m("packets_malformed_total", "Packets dropped as malformed.", func(s netstack.Stats) uint64 { return s.Malformed })
+	m("tcp_syn_dropped_in_flight_total", "SYNs dropped because stack.tcp.max_in_flight dials were under way.", func(s netstack.Stats) uint64 { return s.SYNsDroppedInFlight })
+	m("tun_read_errors_total", "Failed TUN reads.", func(s netstack.Stats) uint64 { return s.TUNReadErrors })
+	m("tun_write_errors_total", "Failed TUN writes.", func(s netstack.Stats) uint64 { return s.TUNWriteErrors })
+	m("udp_refused_total", "UDP datagrams refused (ICMP port unreachable to the app).", func(s netstack.Stats) uint64 { return s.UDPRefused })
+	m("udp_reply_too_big_total", "UDP replies too big to send to the app.", func(s netstack.Stats) uint64 { return s.UDPReplyTooBig })
+	return c
+}
+
+func (c *stackCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, m := range c.metrics {
+		ch <- m.desc
+	}
+}
+
+func (c *stackCollector) Collect(ch chan<- prometheus.Metric) {
+	st := c.stack.Stats()
+	for _, m := range c.metrics {
+		ch <- prometheus.MustNewConstMetric(m.desc, prometheus.CounterValue, float64(m.val(st)))
+	}
 }
 
 // dnsCollector exports the DNS proxy's counters, per upstream where they
