@@ -159,9 +159,8 @@ func (t *UDPTable) Handle(src, dst netip.AddrPort, payload []byte) bool {
 		if dst.Port() == 53 {
 			idle = t.cfg.DNSIdleTimeout
 		}
-		s = &udpSession{table: t, key: key, src: src, dst: dst, domain: flow.Domain, release: flow.Release, dialer: d, idle: idle, ready: make(chan struct{})}
+		s = &udpSession{table: t, key: key, src: src, dst: dst, domain: flow.Domain, release: flow.Release, dialer: d, idle: idle}
 		s.ctx, s.cancel = context.WithCancel(t.ctx)
-		s.sendq = make(chan outDatagram, sendQueueLen)
 		s.touch()
 		t.sessions[key] = s
 		t.stats.Opened.Add(1)
@@ -246,8 +245,9 @@ type udpSession struct {
 	idle     time.Duration
 	last     atomic.Int64
 
-	ready  chan struct{} // closed once conn is set or opening failed
-	opened atomic.Bool   // set before ready closes when conn is set: no lock per datagram
+	// opened mirrors conn != nil && !closed, for send to read without
+	// the lock per datagram.
+	opened atomic.Bool
 
 	// ctx bounds the opening of the upstream session; close cancels it,
 	// so an expired mapping does not leave a hung handshake behind.
@@ -257,8 +257,10 @@ type udpSession struct {
 	mu      sync.Mutex
 	conn    outbound.PacketConn
 	pending []outDatagram
-	sendq   chan outDatagram
 	closed  bool
+	// sendq feeds the sender goroutine of an upstream that does not send
+	// in batches; made only for one, once it is open.
+	sendq chan outDatagram
 
 	// With a BatchWriter upstream there is no sender goroutine: batch
 	// holds datagrams until Flush sends them in one call, from the
@@ -292,7 +294,6 @@ func (s *udpSession) open() {
 		s.pending = nil
 		s.closed = true
 		s.mu.Unlock()
-		close(s.ready)
 		s.cancel()
 		if conn != nil {
 			conn.Close()
@@ -310,7 +311,10 @@ func (s *udpSession) open() {
 	}
 	s.conn = conn
 	s.bw, _ = conn.(outbound.BatchWriter)
-	// The held datagrams go out before ready opens, so none sent later
+	if s.bw == nil {
+		s.sendq = make(chan outDatagram, sendQueueLen)
+	}
+	// The held datagrams go out before opened is set, so none sent later
 	// overtakes them; WritePacket does not block.
 	for _, p := range s.pending {
 		s.write(p.dst, p.payload)
@@ -322,7 +326,6 @@ func (s *udpSession) open() {
 		t.wg.Add(1)
 		go s.sendLoop()
 	}
-	close(s.ready)
 	t.log.Debug("udp mapping", "outbound", s.dialer.Name(), "src", s.src, "dst", s.dst)
 	s.readLoop()
 }
@@ -331,22 +334,19 @@ func (s *udpSession) open() {
 // session opens.
 func (s *udpSession) send(dst netip.AddrPort, payload []byte) {
 	s.touch()
-	select {
-	case <-s.ready:
-		if !s.opened.Load() { // the open failed, or the session closed first
-			s.table.stats.Dropped.Add(1)
-			return
-		}
+	if s.opened.Load() {
 		s.enqueue(dst, payload)
 		return
-	default:
 	}
 	s.mu.Lock()
 	switch {
-	case s.conn != nil: // opened a moment ago; ready is about to close
+	case s.closed: // the open failed, or the session closed
+		s.mu.Unlock()
+		s.table.stats.Dropped.Add(1)
+	case s.conn != nil: // opened a moment ago
 		s.mu.Unlock()
 		s.enqueue(dst, payload)
-	case !s.closed && len(s.pending) < pendingMax:
+	case len(s.pending) < pendingMax:
 		s.pending = append(s.pending, outDatagram{dst: dst, payload: payload})
 		s.mu.Unlock()
 	default:

@@ -277,22 +277,26 @@ func (e *linkEndpoint) writeLoop(isClosed func(error) bool) {
 		case <-e.done:
 			return
 		}
+		// One frame: a virtio-net header describing gVisor's offload
+		// request when the device has one, then the packet's views.
+		bufs = bufs[:0]
+		if e.virtio {
+			virtioHdrFor(pkt).Encode(hdr[:])
+			bufs = append(bufs, hdr[:])
+		}
+		bufs = appendViews(bufs, pkt)
 		var err error
 		if vw != nil {
-			bufs = bufs[:0]
-			if e.virtio {
-				virtioHdrFor(pkt).Encode(hdr[:])
-				bufs = append(bufs, hdr[:])
-			}
-			bufs = appendViews(bufs, pkt)
 			_, err = vw.WriteFrameVec(bufs)
-			clear(bufs) // no reference to the packet's views once it is released
-			pkt.DecRef()
 		} else {
-			frame := e.frame(buf[:0], pkt)
-			pkt.DecRef()
+			frame := buf[:0]
+			for _, b := range bufs {
+				frame = append(frame, b...)
+			}
 			_, err = e.dev.WriteFrame(frame)
 		}
+		clear(bufs) // no reference to the packet's views once it is released
+		pkt.DecRef()
 		e.settled.Add(1)
 		if err != nil {
 			if isClosed(err) {
@@ -321,20 +325,6 @@ func appendViews(bufs [][]byte, pkt *stack.PacketBuffer) [][]byte {
 		skip = 0
 	}
 	return bufs
-}
-
-// frame appends pkt to b as one device frame: with a virtio-net header
-// describing gVisor's offload request when the device has one.
-func (e *linkEndpoint) frame(b []byte, pkt *stack.PacketBuffer) []byte {
-	if e.virtio {
-		b = b[:virtio.HdrLen]
-		virtioHdrFor(pkt).Encode(b)
-	}
-	var views [8][]byte
-	for _, s := range appendViews(views[:0], pkt) {
-		b = append(b, s...)
-	}
-	return b
 }
 
 // virtioHdrFor translates gVisor's GSO options into a virtio-net header.
