@@ -103,47 +103,26 @@ func startGateway(t *testing.T, lab *netlab.Lab, binary, offload string) *gatewa
 	return g
 }
 
-// routeTungatePath installs, in the app namespace only:
+// routeTungatePath installs, in the app namespace only, the gateway's
+// routing (netlab.RouteIntoTUN: everything but tungate's marked sockets
+// into the TUN) and, ahead of it, the kernel path:
 //
-//	table 100: default dev tg0 (IPv4 and IPv6)
-//	pref 50:   to Remote4(9)/32 (Remote6(9)/128) lookup main   — the kernel path
-//	pref 100:  not fwmark 0x2e7 lookup 100                      — everything else into the TUN
-//
-// tungate's own upstream sockets carry the mark and use the main table.
+//	pref 50: to Remote4(9)/32 (Remote6(9)/128) lookup main
 func routeTungatePath(t *testing.T, lab *netlab.Lab) {
 	t.Helper()
+	lab.App.RouteIntoTUN(t, tunName, routeTab, fwmark, rulePrio)
 	h := lab.App.Netlink(t)
-	link, err := h.LinkByName(tunName)
-	if err != nil {
-		t.Fatalf("LinkByName(%s): %v", tunName, err)
-	}
-	for _, family := range []int{unix.AF_INET, unix.AF_INET6} {
-		bits := 32
-		kernelDst := netlab.Remote4(kernelRemote)
-		if family == unix.AF_INET6 {
-			bits = 128
-			kernelDst = netlab.Remote6(kernelRemote)
-		}
-		zero := &net.IPNet{IP: make(net.IP, bits/8), Mask: net.CIDRMask(0, bits)}
-		if err := h.RouteAdd(&netlink.Route{LinkIndex: link.Attrs().Index, Dst: zero, Table: routeTab, Family: family}); err != nil {
-			t.Fatalf("RouteAdd(default dev %s table %d, family %d): %v", tunName, routeTab, family, err)
-		}
+	for _, dst := range []netip.Addr{netlab.Remote4(kernelRemote), netlab.Remote6(kernelRemote)} {
 		kernel := netlink.NewRule()
-		kernel.Family = family
-		kernel.Dst = &net.IPNet{IP: kernelDst.AsSlice(), Mask: net.CIDRMask(bits, bits)}
+		kernel.Family = unix.AF_INET
+		if dst.Is6() {
+			kernel.Family = unix.AF_INET6
+		}
+		kernel.Dst = &net.IPNet{IP: dst.AsSlice(), Mask: net.CIDRMask(dst.BitLen(), dst.BitLen())}
 		kernel.Table = unix.RT_TABLE_MAIN
 		kernel.Priority = kernelPrio
 		if err := h.RuleAdd(kernel); err != nil {
-			t.Fatalf("RuleAdd(to %s lookup main pref %d): %v", kernelDst, kernelPrio, err)
-		}
-		tg := netlink.NewRule()
-		tg.Family = family
-		tg.Mark = fwmark
-		tg.Invert = true
-		tg.Table = routeTab
-		tg.Priority = rulePrio
-		if err := h.RuleAdd(tg); err != nil {
-			t.Fatalf("RuleAdd(not fwmark %#x table %d, family %d): %v", fwmark, routeTab, family, err)
+			t.Fatalf("RuleAdd(to %s lookup main pref %d): %v", dst, kernelPrio, err)
 		}
 	}
 }

@@ -3,9 +3,7 @@
 package e2e
 
 import (
-	"errors"
 	"fmt"
-	"net"
 	"net/http"
 	"net/netip"
 	"os"
@@ -14,7 +12,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vishvananda/netlink"
 	"go.yaml.in/yaml/v3"
 	"golang.org/x/sys/unix"
 
@@ -103,39 +100,10 @@ func startGateway(t testing.TB, lab *netlab.Lab, cfg map[string]any) *gateway {
 	g := &gateway{t: t, lab: lab}
 	g.proc = lab.App.Start(t, tungateBin, "run", "--config", path)
 	lab.App.WaitLink(t, tunName, true, startWait)
-	g.routeIntoTUN()
+	lab.App.RouteIntoTUN(t, tunName, routeTab, fwmark, rulePrio)
 	g.http = lab.App.HTTPClient()
 	lab.App.WaitHealthy(t, g.proc, apiAddr, startWait)
 	return g
-}
-
-func (g *gateway) routeIntoTUN() {
-	t := g.t
-	h := g.lab.App.Netlink(t)
-	link, err := h.LinkByName(tunName)
-	if err != nil {
-		t.Fatalf("LinkByName(%s): %v", tunName, err)
-	}
-	for _, family := range []int{unix.AF_INET, unix.AF_INET6} {
-		dst := &net.IPNet{IP: net.IPv4zero, Mask: net.CIDRMask(0, 32)}
-		if family == unix.AF_INET6 {
-			dst = &net.IPNet{IP: net.IPv6zero, Mask: net.CIDRMask(0, 128)}
-		}
-		if err := h.RouteAdd(&netlink.Route{LinkIndex: link.Attrs().Index, Dst: dst, Table: routeTab, Family: family}); err != nil {
-			t.Fatalf("RouteAdd(default dev %s table %d, family %d): %v", tunName, routeTab, family, err)
-		}
-		rule := netlink.NewRule()
-		rule.Family = family
-		rule.Mark = fwmark
-		rule.Invert = true
-		rule.Table = routeTab
-		rule.Priority = rulePrio
-		// A restarted gateway (same lab) finds its rules still there:
-		// they outlive the TUN device, the routes do not.
-		if err := h.RuleAdd(rule); err != nil && !errors.Is(err, unix.EEXIST) {
-			t.Fatalf("RuleAdd(not fwmark %#x table %d, family %d): %v", fwmark, routeTab, family, err)
-		}
-	}
 }
 
 // metric returns the current value of a Prometheus metric without labels.
