@@ -6,6 +6,10 @@ import (
 	"fmt"
 	"net/netip"
 	"time"
+
+	"github.com/tungate/tungate/outbound"
+	// Every outbound kind is registered before a configuration is decoded.
+	_ "github.com/tungate/tungate/outbound/kinds"
 )
 
 // Config is the whole tungate configuration. Load and Default return it
@@ -61,34 +65,16 @@ type UDP struct {
 	NAT            string        `mapstructure:"nat"` // full-cone | symmetric
 }
 
-// Outbound types.
-const (
-	OutboundDirect    = "direct"
-	OutboundSOCKS5    = "socks5"
-	OutboundHTTP      = "http"
-	OutboundWireGuard = "wireguard"
-	OutboundReject    = "reject"
-)
-
-// Outbound is one way out of tungate. Keys that do not apply to Type are
-// accepted and ignored.
+// Outbound is one way out of tungate. Its kind (Type) owns every key
+// besides name and type: see outbound.Kind and the kinds' folders under
+// outbound/.
 type Outbound struct {
 	Name string `mapstructure:"name"`
-	Type string `mapstructure:"type"` // direct | socks5 | http | wireguard | reject
-
-	// Interface binds a direct outbound's sockets; "" means auto-detect.
-	Interface string `mapstructure:"interface"`
-	// FWMark is the SO_MARK on a direct outbound's sockets (loop prevention).
-	// YAML accepts decimal or hex (0x2e7); a direct outbound without the key
-	// gets 0x2e7.
-	FWMark uint32 `mapstructure:"fwmark"`
-
-	Address  string `mapstructure:"address"` // socks5/http proxy, host:port
-	Username string `mapstructure:"username"`
-	Password string `mapstructure:"password"`
-	// UDP makes a socks5 outbound carry UDP flows with UDP ASSOCIATE. A
-	// socks5 outbound without the key gets true.
-	UDP bool `mapstructure:"udp"`
+	Type string `mapstructure:"type"` // a registered kind: direct | socks5 | http | reject
+	// Settings is the kind's configuration, decoded from the entry's other
+	// keys with the kind's defaults for those it lacks; nil when Type
+	// names no registered kind (which Validate reports).
+	Settings outbound.Config `mapstructure:"-"`
 }
 
 // Rule sends the flows it matches to Outbound. A rule matches when every

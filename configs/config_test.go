@@ -14,6 +14,11 @@ import (
 
 	"github.com/spf13/pflag"
 	"github.com/spf13/viper"
+
+	"github.com/tungate/tungate/outbound/direct"
+	"github.com/tungate/tungate/outbound/httpconnect"
+	"github.com/tungate/tungate/outbound/reject"
+	"github.com/tungate/tungate/outbound/socks5"
 )
 
 // writeConfig writes body to a file in a fresh temporary directory and
@@ -82,7 +87,7 @@ func TestDefault(t *testing.T) {
 		{"stack.udp.dns_idle_timeout", cfg.Stack.UDP.DNSIdleTimeout, 10 * time.Second},
 		{"stack.udp.max_sessions", cfg.Stack.UDP.MaxSessions, 65536},
 		{"stack.udp.nat", cfg.Stack.UDP.NAT, "full-cone"},
-		{"outbounds", cfg.Outbounds, []Outbound{{Name: "direct", Type: "direct", FWMark: 0x2e7}}},
+		{"outbounds", cfg.Outbounds, []Outbound{{Name: "direct", Type: "direct", Settings: &direct.Config{FWMark: 0x2e7}}}},
 		{"len(rules)", len(cfg.Rules), 0},
 		{"final", cfg.Final, ""},
 		{"FinalOutbound()", cfg.FinalOutbound(), "direct"},
@@ -199,10 +204,10 @@ func TestLoadConfigMDExample(t *testing.T) {
 		t.Fatalf("Load(%s): %v", path, err)
 	}
 	wantOutbounds := []Outbound{
-		{Name: "direct", Type: "direct", FWMark: 743},
-		{Name: "proxy", Type: "socks5", Address: "10.233.0.2:1080", UDP: true},
-		{Name: "web", Type: "http", Address: "10.233.0.2:8888"},
-		{Name: "block", Type: "reject"},
+		{Name: "direct", Type: "direct", Settings: &direct.Config{FWMark: 743}},
+		{Name: "proxy", Type: "socks5", Settings: &socks5.Config{Address: "10.233.0.2:1080", UDP: true}},
+		{Name: "web", Type: "http", Settings: &httpconnect.Config{Address: "10.233.0.2:8888"}},
+		{Name: "block", Type: "reject", Settings: &reject.Config{}},
 	}
 	wantRules := []Rule{
 		{DomainSuffix: []string{"example.org"}, Outbound: "proxy"},
@@ -353,24 +358,25 @@ func TestOutboundEntryDefaults(t *testing.T) {
 		entry string
 		want  Outbound
 	}{
-		{"{name: d, type: direct}", Outbound{Name: "d", Type: "direct", FWMark: 0x2e7}},
-		{"{name: d, type: direct, fwmark: 0}", Outbound{Name: "d", Type: "direct"}},
-		{"{name: d, type: direct, fwmark: 100}", Outbound{Name: "d", Type: "direct", FWMark: 100}},
-		{"{name: d, type: direct, fwmark: 0x10}", Outbound{Name: "d", Type: "direct", FWMark: 16}},
-		{`{name: d, type: direct, fwmark: "0x2e7"}`, Outbound{Name: "d", Type: "direct", FWMark: 743}},
-		{"{name: d, type: direct, fwmark: 0xffffffff}", Outbound{Name: "d", Type: "direct", FWMark: 1<<32 - 1}},
-		{"{name: d, type: direct, interface: eth0}", Outbound{Name: "d", Type: "direct", Interface: "eth0", FWMark: 0x2e7}},
-		{"{name: s, type: socks5, address: 'h:1080'}", Outbound{Name: "s", Type: "socks5", Address: "h:1080", UDP: true}},
-		{"{name: s, type: socks5, address: 'h:1080', udp: false}", Outbound{Name: "s", Type: "socks5", Address: "h:1080"}},
+		{"{name: d, type: direct}", Outbound{Name: "d", Type: "direct", Settings: &direct.Config{FWMark: 0x2e7}}},
+		{"{name: d, type: direct, fwmark: 0}", Outbound{Name: "d", Type: "direct", Settings: &direct.Config{}}},
+		{"{name: d, type: direct, fwmark: null}", Outbound{Name: "d", Type: "direct", Settings: &direct.Config{FWMark: 0x2e7}}},
+		{"{name: d, type: direct, fwmark: 100}", Outbound{Name: "d", Type: "direct", Settings: &direct.Config{FWMark: 100}}},
+		{"{name: d, type: direct, fwmark: 0x10}", Outbound{Name: "d", Type: "direct", Settings: &direct.Config{FWMark: 16}}},
+		{`{name: d, type: direct, fwmark: "0x2e7"}`, Outbound{Name: "d", Type: "direct", Settings: &direct.Config{FWMark: 743}}},
+		{"{name: d, type: direct, fwmark: 0xffffffff}", Outbound{Name: "d", Type: "direct", Settings: &direct.Config{FWMark: 1<<32 - 1}}},
+		{"{name: d, type: direct, interface: eth0}", Outbound{Name: "d", Type: "direct", Settings: &direct.Config{Interface: "eth0", FWMark: 0x2e7}}},
+		{"{name: s, type: socks5, address: 'h:1080'}", Outbound{Name: "s", Type: "socks5", Settings: &socks5.Config{Address: "h:1080", UDP: true}}},
+		{"{name: s, type: socks5, address: 'h:1080', udp: false}", Outbound{Name: "s", Type: "socks5", Settings: &socks5.Config{Address: "h:1080"}}},
 		{"{name: s, type: socks5, address: 'h:1080', username: u, password: 1234}",
-			Outbound{Name: "s", Type: "socks5", Address: "h:1080", Username: "u", Password: "1234", UDP: true}},
-		{"{name: w, type: http, address: 'h:8080'}", Outbound{Name: "w", Type: "http", Address: "h:8080"}},
-		{"{name: r, type: reject}", Outbound{Name: "r", Type: "reject"}},
+			Outbound{Name: "s", Type: "socks5", Settings: &socks5.Config{Address: "h:1080", Username: "u", Password: "1234", UDP: true}}},
+		{"{name: w, type: http, address: 'h:8080'}", Outbound{Name: "w", Type: "http", Settings: &httpconnect.Config{Address: "h:8080"}}},
+		{"{name: r, type: reject}", Outbound{Name: "r", Type: "reject", Settings: &reject.Config{}}},
 	}
 	for _, tc := range tests {
 		body := "outbounds: [" + tc.entry + "]\n"
 		cfg := mustLoad(t, body)
-		if len(cfg.Outbounds) != 1 || cfg.Outbounds[0] != tc.want {
+		if len(cfg.Outbounds) != 1 || !reflect.DeepEqual(cfg.Outbounds[0], tc.want) {
 			t.Errorf("Load(%q) outbounds = %+v, want [%+v]", body, cfg.Outbounds, tc.want)
 		}
 	}
@@ -419,6 +425,11 @@ func TestLoadReportsProblems(t *testing.T) {
 		{"unknown key, nothing close", "tun: {colour: blue}", "tun.colour", "unknown key"},
 		{"unknown key in outbound", "outbounds: [{name: d, type: direct, fwmrk: 1}]", "outbounds[0].fwmrk", `did you mean "fwmark"?`},
 		{"unknown key in rule", outbounds + "rules: [{ipcidr: [10.0.0.0/8], outbound: direct}]", "rules[0].ipcidr", `did you mean "ip_cidr"?`},
+		{"key of another kind", "outbounds: [{name: r, type: reject, address: 'x:1'}]", "outbounds[0].address", "unknown key"},
+		{"bad value of a kind's key", "outbounds: [{name: d, type: direct, fwmark: yes}]", "outbounds[0].fwmark", ""},
+		{"bad proxy address", "outbounds: [{name: p, type: socks5, address: nohost}]", "outbounds[0].address", "needs host:port"},
+		{"wireguard not built", "outbounds: [{name: w, type: wireguard}]", "outbounds[0].type", "not built yet"},
+		{"unknown kind", "outbounds: [{name: w, type: vmess}]", "outbounds[0].type", `want "direct", "http", "reject" or "socks5"`},
 		{"unknown nested key", "dns: {fake_ip: {range: 10.0.0.0/8}}", "dns.fake_ip.range", "unknown key"},
 		{"bad CIDR in rule", outbounds + "rules: [{ip_cidr: [10.0.0.0/33], outbound: direct}]", "rules[0].ip_cidr[0]", `invalid CIDR "10.0.0.0/33"`},
 		{"bad CIDR second entry", outbounds + "rules: [{ip_cidr: [10.0.0.0/8, nonsense], outbound: direct}]", "rules[0].ip_cidr[1]", `invalid CIDR "nonsense"`},
@@ -504,8 +515,6 @@ func TestLoadAcceptsEdgeValues(t *testing.T) {
 		"route: {auto: false, journal: ''}", // no journal needed without auto-route
 		"dns: {hijack: ['any:53', '10.0.0.1:53', '[fd00::1]:5353']}",
 		"dns: {upstreams: ['udp://1.1.1.1', 'tcp://[2606:4700::1111]:53', 'tls://dns.example:853', 'https://dns.example/dns-query']}",
-		"outbounds: [{name: w, type: wireguard}]",
-		"outbounds: [{name: r, type: reject, address: 'ignored:1', fwmark: 5}]", // keys of another type are allowed
 		"outbounds: [{name: d, type: direct}]\nrules: [{network: udp, outbound: d}]",
 		"stack: {tcp: {idle_timeout: 0s, keepalive: '0'}}",
 		"LOG: {Level: debug}", // viper keys are case-insensitive

@@ -4,31 +4,23 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"reflect"
+	"slices"
 	"sort"
 	"strings"
 
 	"github.com/go-viper/mapstructure/v2"
 	"github.com/spf13/pflag"
 	"github.com/spf13/viper"
+
+	"github.com/tungate/tungate/outbound"
 )
 
 // envPrefix makes log.level readable from TUNGATE_LOG_LEVEL and
 // stack.tcp.dial_timeout from TUNGATE_STACK_TCP_DIAL_TIMEOUT.
 const envPrefix = "TUNGATE"
-
-// defaultFWMark is the SO_MARK a direct outbound gets when its entry has no
-// fwmark key; it must match the default file's direct outbound.
-const defaultFWMark = 0x2e7
-
-// entryDefaults are the per-type defaults of an outbounds[i] entry. Viper
-// defaults stop at the list: a user's outbounds replace the default list
-// whole, so each entry needs its own defaults.
-var entryDefaults = map[string]map[string]any{
-	OutboundDirect: {"fwmark": defaultFWMark},
-	OutboundSOCKS5: {"udp": true},
-}
 
 // configFlags are the flags BindFlags registers and Load honours.
 var configFlags = []struct{ name, key, usage string }{
@@ -125,12 +117,20 @@ func unwrapParseError(err error) error {
 // decodeAndValidate turns viper's merged settings into a Config and reports
 // every unknown key, undecodable value and invalid value.
 func decodeAndValidate(settings map[string]any) (*Config, error) {
+	// Outbound entries are checked and decoded against their kind's
+	// schema by decodeOutbounds, not the generic Outbound one.
+	rawOutbounds, hasOutbounds := settings["outbounds"]
+	delete(settings, "outbounds")
 	problems := unknownKeys("", reflect.TypeFor[Config](), settings)
-
-	settings["outbounds"] = withEntryDefaults(settings["outbounds"])
 
 	cfg := new(Config)
 	decodeProblems := decode(settings, cfg)
+	if hasOutbounds {
+		var unknown, undecodable []FieldError
+		cfg.Outbounds, unknown, undecodable = decodeOutbounds(rawOutbounds)
+		problems = append(problems, unknown...)
+		decodeProblems = append(decodeProblems, undecodable...)
+	}
 	problems = append(problems, decodeProblems...)
 
 	// A value that failed to decode is left zero; validating it again would
@@ -150,40 +150,73 @@ func decodeAndValidate(settings map[string]any) (*Config, error) {
 	return cfg, nil
 }
 
-// withEntryDefaults returns a copy of the raw outbounds list in which every
-// entry has its type's defaults for the keys it does not set.
-func withEntryDefaults(raw any) any {
+// decodeOutbounds decodes the raw outbounds list: name and type, then the
+// entry's other keys into its kind's Config, on top of the kind's
+// defaults. It returns the unknown keys (checked against the kind's
+// schema) apart from the values that did not decode.
+func decodeOutbounds(raw any) (out []Outbound, unknown, undecodable []FieldError) {
 	list, ok := raw.([]any)
 	if !ok {
-		return raw // not a list: decode reports it
+		if raw == nil {
+			return nil, nil, nil
+		}
+		return nil, nil, []FieldError{{Key: "outbounds", Msg: "expected a list of outbounds, got " + describe(raw)}}
 	}
-	out := make([]any, len(list))
+	out = make([]Outbound, len(list))
 	for i, item := range list {
+		key := fmt.Sprintf("outbounds[%d]", i)
 		entry, ok := item.(map[string]any)
 		if !ok {
-			out[i] = item
+			undecodable = append(undecodable, FieldError{Key: key, Msg: "expected a map of keys, got " + describe(item)})
 			continue
 		}
-		filled := make(map[string]any, len(entry))
+		common := map[string]any{}
+		rest := map[string]any{}
 		for k, v := range entry {
-			filled[k] = v
-		}
-		typ, _ := entry["type"].(string)
-		for k, v := range entryDefaults[typ] {
-			if filled[k] == nil { // absent, or an explicit null
-				filled[k] = v
+			if k == "name" || k == "type" {
+				common[k] = v
+			} else {
+				rest[k] = v
 			}
 		}
-		out[i] = filled
+		undecodable = append(undecodable, prefixed(key, decode(common, &out[i]))...)
+		kind, known := outbound.Lookup(out[i].Type)
+		if !known {
+			continue // validate reports the type; its keys cannot be checked
+		}
+		settings := kind.NewConfig()
+		fields := sectionFields(reflect.TypeOf(settings).Elem())
+		names := append([]string{"name", "type"}, fields.names...)
+		for _, k := range slices.Sorted(maps.Keys(rest)) {
+			ft, known := fields.types[k]
+			if !known {
+				unknown = append(unknown, FieldError{Key: key + "." + k, Msg: unknownKeyMsg(k, names)})
+				continue
+			}
+			unknown = append(unknown, unknownKeys(key+"."+k, ft, rest[k])...)
+		}
+		undecodable = append(undecodable, prefixed(key, decode(rest, settings))...)
+		out[i].Settings = settings
 	}
-	return out
+	return out, unknown, undecodable
+}
+
+func prefixed(prefix string, fes []FieldError) []FieldError {
+	for i := range fes {
+		if fes[i].Key == "(top level)" {
+			fes[i].Key = prefix
+		} else {
+			fes[i].Key = prefix + "." + fes[i].Key
+		}
+	}
+	return fes
 }
 
 // decode runs mapstructure over settings and maps each decoding error back
 // to the dotted key it concerns.
-func decode(settings map[string]any, cfg *Config) []FieldError {
+func decode(settings map[string]any, result any) []FieldError {
 	dec, err := mapstructure.NewDecoder(&mapstructure.DecoderConfig{
-		Result:  cfg,
+		Result:  result,
 		TagName: "mapstructure",
 		// Conversions are the hooks' job: weak typing would turn a YAML
 		// `mtu: true` into 1 and `dial_timeout: 10` into ten nanoseconds.
@@ -311,7 +344,7 @@ func sectionFields(t reflect.Type) schemaFields {
 	f := schemaFields{types: make(map[string]reflect.Type, t.NumField())}
 	for i := range t.NumField() {
 		name := t.Field(i).Tag.Get("mapstructure")
-		if name == "" {
+		if name == "" || name == "-" {
 			continue
 		}
 		f.names = append(f.names, name)

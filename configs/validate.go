@@ -2,6 +2,7 @@ package configs
 
 import (
 	"fmt"
+	"github.com/tungate/tungate/outbound"
 	"net"
 	"net/netip"
 	"net/url"
@@ -172,21 +173,24 @@ func (c *Config) validateOutbounds(p *problemList) map[string]bool {
 		default:
 			names[o.Name] = true
 		}
-		if o.Type == "" {
-			p.add(key+".type", "must be set (%s)", quoteList(outboundTypes))
+		switch {
+		case o.Type == "":
+			p.add(key+".type", "must be set (%s)", quoteList(outbound.Types()))
+			continue
+		case o.Type == "wireguard":
+			p.add(key+".type", "wireguard outbounds are not built yet (want %s)", quoteList(outbound.Types()))
 			continue
 		}
-		p.oneOf(key+".type", o.Type, outboundTypes...)
-		if o.Type == OutboundSOCKS5 || o.Type == OutboundHTTP {
-			if err := checkHostPort(o.Address); err != nil {
-				p.add(key+".address", "%s outbound needs host:port: %v", o.Type, err)
-			}
+		p.oneOf(key+".type", o.Type, outbound.Types()...)
+		if o.Settings == nil {
+			continue
+		}
+		for _, pr := range o.Settings.Validate() {
+			p.add(key+"."+pr.Key, "%s", pr.Msg)
 		}
 	}
 	return names
 }
-
-var outboundTypes = []string{OutboundDirect, OutboundSOCKS5, OutboundHTTP, OutboundWireGuard, OutboundReject}
 
 func (c *Config) validateRules(p *problemList, outbounds map[string]bool) {
 	for i, r := range c.Rules {
@@ -389,25 +393,6 @@ func isLoopbackHost(host string) bool {
 	}
 	addr, err := netip.ParseAddr(host)
 	return err == nil && addr.IsLoopback()
-}
-
-// checkHostPort accepts "host:port" with a non-empty host and a port in
-// 1-65535.
-func checkHostPort(s string) error {
-	if s == "" {
-		return fmt.Errorf("address is empty")
-	}
-	host, port, err := net.SplitHostPort(s)
-	if err != nil {
-		return fmt.Errorf("invalid address %q", s)
-	}
-	if host == "" {
-		return fmt.Errorf("address %q has no host", s)
-	}
-	if err := checkPort(port); err != nil {
-		return fmt.Errorf("address %q: %v", s, err)
-	}
-	return nil
 }
 
 func checkPort(s string) error {

@@ -12,6 +12,7 @@ import (
 
 	"github.com/tungate/tungate/internal/leakcheck"
 	"github.com/tungate/tungate/outbound"
+	"github.com/tungate/tungate/outbound/reject"
 )
 
 var (
@@ -474,7 +475,7 @@ func TestUDPReject(t *testing.T) {
 	blocked := ap("10.233.1.9:443")
 	tbl, _ := newUDPTable(t, longUDPConfig(), func(f *Flow) outbound.Dialer {
 		if f.Dst == blocked {
-			return outbound.NewReject("block")
+			return reject.New("block")
 		}
 		return d
 	})

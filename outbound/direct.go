@@ -38,6 +38,11 @@ type DirectConfig struct {
 	// Resolver, when set, turns placeholder (fake-ip) destinations that
 	// carry a domain into real addresses.
 	Resolver Resolver
+	// Dialing, when set, is told the real destination of every socket
+	// before it connects (done once the connect returned) or, for a UDP
+	// session, before its first datagram (done when it closes): the loop
+	// detector then asks the kernel only about flows to those.
+	Dialing func(dst netip.AddrPort) (done func())
 }
 
 // Resolver resolves the names behind placeholder addresses.
@@ -125,8 +130,11 @@ func (d *Direct) DialTCP(ctx context.Context, dst Target) (TCPConn, error) {
 		}
 		dialer := d.dialer
 		dialer.Control = control
+		to := netip.AddrPortFrom(a, dst.Addr.Port())
+		done := d.dialing(to)
 		var c net.Conn
-		c, err = dialer.DialContext(ctx, "tcp", netip.AddrPortFrom(a, dst.Addr.Port()).String())
+		c, err = dialer.DialContext(ctx, "tcp", to.String())
+		done()
 		if err == nil {
 			tc := directTCP{c.(*net.TCPConn)}
 			if iface == "" {
@@ -164,6 +172,15 @@ func (d *Direct) realAddrs(ctx context.Context, dst Target) ([]netip.Addr, error
 		return nil, fmt.Errorf("%s: resolve %s: no addresses", d.cfg.Name, dst.Domain)
 	}
 	return addrs, nil
+}
+
+// dialing reports a socket about to open towards dst (see
+// DirectConfig.Dialing).
+func (d *Direct) dialing(dst netip.AddrPort) (done func()) {
+	if d.cfg.Dialing == nil {
+		return func() {}
+	}
+	return d.cfg.Dialing(dst)
 }
 
 func (d *Direct) isFake(a netip.Addr) bool {
@@ -208,7 +225,7 @@ func (d *Direct) ListenUDP(ctx context.Context, first Target) (PacketConn, error
 		c.Close()
 		return nil, fmt.Errorf("%s: udp socket for %s: %w", d.cfg.Name, first, err)
 	}
-	u := &directUDP{d: d, conn: c, raw: raw, v6: network == "udp6", iface: iface}
+	u := &directUDP{d: d, conn: c, raw: raw, v6: network == "udp6", iface: iface, dialed: d.dialing(netip.AddrPortFrom(to, first.Addr.Port()))}
 	if firstReal.IsValid() {
 		u.mapFake(first.Addr.Addr(), firstReal)
 	}
@@ -263,6 +280,8 @@ type directUDP struct {
 	raw   syscall.RawConn
 	v6    bool
 	iface string // bound by InterfaceFor and tracked; "" when not
+	// dialed ends the session's report to DirectConfig.Dialing.
+	dialed func()
 
 	// For fake-ip destinations: placeholder → real address, and back, so
 	// that replies reach the app from the address it sent to.
@@ -373,6 +392,9 @@ func (u *directUDP) resolve(dst Target) {
 }
 
 func (u *directUDP) Close() error {
+	if u.dialed != nil {
+		u.dialed()
+	}
 	if u.iface != "" {
 		u.d.bound.remove(u)
 	}

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"strconv"
 )
 
 // ParseProxyAddress parses the host:port of a proxy outbound. The host must
@@ -28,4 +29,31 @@ func ParseProxyAddress(s string) (netip.AddrPort, error) {
 		return netip.AddrPort{}, fmt.Errorf("address %q: unspecified host", s)
 	}
 	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), nil
+}
+
+// CheckHostPort accepts "host:port" with a non-empty host and a port in
+// 1-65535.
+func CheckHostPort(s string) error {
+	if s == "" {
+		return fmt.Errorf("address is empty")
+	}
+	host, port, err := net.SplitHostPort(s)
+	if err != nil {
+		return fmt.Errorf("invalid address %q", s)
+	}
+	if host == "" {
+		return fmt.Errorf("address %q has no host", s)
+	}
+	if err := checkPort(port); err != nil {
+		return fmt.Errorf("address %q: %v", s, err)
+	}
+	return nil
+}
+
+func checkPort(s string) error {
+	n, err := strconv.ParseUint(s, 10, 16)
+	if err != nil || n == 0 {
+		return fmt.Errorf("invalid port %q (want 1-65535)", s)
+	}
+	return nil
 }

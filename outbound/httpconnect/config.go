@@ -10,13 +10,14 @@ import (
 
 // Config configures an HTTP CONNECT outbound.
 type Config struct {
-	Name string
+	Name string `mapstructure:"-"`
 	// Address is the proxy's host:port. The host must be an IP literal
 	// for now; a name is refused with an error.
-	Address string
+	Address string `mapstructure:"address"`
 	// Username, when set, is sent with Password in a
 	// "Proxy-Authorization: Basic" header on every CONNECT.
-	Username, Password string
+	Username string `mapstructure:"username"`
+	Password string `mapstructure:"password"`
 }
 
 func (c Config) validate() (netip.AddrPort, error) {

@@ -10,17 +10,18 @@ import (
 
 // Config configures a SOCKS5 outbound.
 type Config struct {
-	Name string
+	Name string `mapstructure:"-"`
 	// Address is the proxy's host:port. The host must be an IP literal
 	// for now; a name is refused with an error.
-	Address string
+	Address string `mapstructure:"address"`
 	// Username, when set, makes the outbound offer username/password
 	// authentication (and only that); empty offers no authentication.
 	// Each is at most 255 bytes.
-	Username, Password string
+	Username string `mapstructure:"username"`
+	Password string `mapstructure:"password"`
 	// UDP carries UDP sessions through UDP ASSOCIATE; false refuses them
 	// with an error wrapping outbound.ErrRefused.
-	UDP bool
+	UDP bool `mapstructure:"udp"`
 }
 
 func (c Config) validate() (netip.AddrPort, error) {

@@ -1,0 +1,49 @@
+package socks5
+
+import (
+	"fmt"
+	"net/netip"
+
+	"github.com/tungate/tungate/outbound"
+)
+
+// Type is the value of outbounds[].type for this kind.
+const Type = "socks5"
+
+func init() {
+	outbound.Register(outbound.Kind{Type: Type, NewConfig: func() outbound.Config { return &Config{UDP: true} }})
+}
+
+// Validate implements outbound.Config. The address's host must be an IP
+// address; New says so when it is a name.
+func (c *Config) Validate() []outbound.Problem {
+	if err := outbound.CheckHostPort(c.Address); err != nil {
+		return []outbound.Problem{{Key: "address", Msg: fmt.Sprintf("%s outbound needs host:port: %v", Type, err)}}
+	}
+	return nil
+}
+
+// New implements outbound.Config: the proxy is reached through
+// deps.Transport.
+func (c *Config) New(name string, deps outbound.Deps) (outbound.Dialer, error) {
+	cfg := *c
+	cfg.Name = name
+	log := deps.Log
+	if log != nil {
+		log = log.With("outbound", name)
+	}
+	return New(cfg, deps.Transport, log)
+}
+
+// String describes the outbound for doctor.
+func (c *Config) String() string { return Type + " " + c.Address }
+
+// Upstream implements outbound.Explainer: the transport's socket to the
+// proxy; for UDP the relay's port is the proxy's pick.
+func (c *Config) Upstream(_ netip.AddrPort, network string) outbound.Upstream {
+	u := outbound.Upstream{Addr: c.Address, Network: "tcp", Transport: true, What: fmt.Sprintf("tungate's socket to the %s proxy %s", Type, c.Address)}
+	if network == "udp" {
+		u.Network = "" // UDP ASSOCIATE relays to a port the proxy picks
+	}
+	return u
+}
