@@ -12,11 +12,22 @@ import (
 
 // Flow is what is known of a new flow when its outbound is chosen.
 type Flow struct {
-	Network  string // "tcp" or "udp"
+	Network string // "tcp" or "udp"
+	// Inbound names the entry the flow came through ("tun").
+	Inbound  string
 	Src, Dst netip.AddrPort
+	// UID is the app's uid, when known.
+	UID *uint32
 	// Domain is the name the app resolved to reach Dst, when known. Route
 	// may fill it in (from fake-ip or the DNS cache); the outbound gets it.
-	Domain string
+	// DomainSource says where it came from ("fake-ip", "dns").
+	Domain, DomainSource string
+	// Rule names the rule that picked the outbound ("rules[2]"; "" for
+	// the final outbound) and RulePayload its conditions; Chain is the
+	// outbounds the flow goes through, outermost first. Route fills them
+	// in for the connection tracker.
+	Rule, RulePayload string
+	Chain             []string
 	// Release, when Route sets it, is called once when the flow (for UDP:
 	// the mapping) has ended, e.g. to unpin a fake address.
 	Release func()

@@ -49,6 +49,8 @@ type TCPConfig struct {
 	// IdleTimeout closes a flow with no bytes in either direction for
 	// this long; 0 means never.
 	IdleTimeout time.Duration
+	// Tracker, when set, tracks every relayed flow.
+	Tracker *Tracker
 }
 
 // A direction of a flow copies through a 32 KiB buffer, and through a
@@ -154,7 +156,7 @@ func (t *TCP) Handle(f TCPFlow) {
 	t.mu.Unlock()
 	defer t.wg.Done()
 
-	flow := Flow{Network: "tcp", Src: f.Src(), Dst: f.Dst()}
+	flow := Flow{Network: "tcp", Inbound: "tun", Src: f.Src(), Dst: f.Dst()}
 	d := t.route(&flow)
 	release := func() {
 		if flow.Release != nil {
@@ -184,9 +186,18 @@ func (t *TCP) Handle(f TCPFlow) {
 		return
 	}
 	t.stats.Accepted.Add(1)
-	r := &tcpRelay{app: app, up: up}
+	r := &tcpRelay{app: app, up: up, conn: &Conn{}}
+	if tr := t.cfg.Tracker; tr != nil {
+		if r.conn = tr.track(&flow, d, r.abort); r.conn == nil {
+			// The outbound was retired by a reload while this flow dialled.
+			r.abort()
+			release()
+			return
+		}
+	}
 	if !t.track(r) {
 		r.abort()
+		t.untrackConn(r.conn)
 		release()
 		return
 	}
@@ -195,6 +206,7 @@ func (t *TCP) Handle(f TCPFlow) {
 	r.start(t.cfg.IdleTimeout, &t.stats, func() {
 		t.stats.Active.Add(-1)
 		t.untrack(r)
+		t.untrackConn(r.conn)
 		release()
 	})
 }
@@ -210,6 +222,13 @@ func (t *TCP) track(r *tcpRelay) bool {
 	t.flows[r] = struct{}{}
 	t.wg.Add(1)
 	return true
+}
+
+// untrackConn forgets a flow in the tracker.
+func (t *TCP) untrackConn(c *Conn) {
+	if t.cfg.Tracker != nil {
+		t.cfg.Tracker.untrack(c)
+	}
 }
 
 func (t *TCP) untrack(r *tcpRelay) {
@@ -246,6 +265,7 @@ func (t *TCP) Close() error {
 type tcpRelay struct {
 	app     AppConn
 	up      outbound.TCPConn
+	conn    *Conn // the tracker's entry (a detached one when untracked)
 	aborted atomic.Bool
 	last    atomic.Int64 // unix nanos of the last byte moved
 }
@@ -281,11 +301,11 @@ func (r *tcpRelay) start(idle time.Duration, st *TCPStats, ended func()) {
 		ended()
 	}
 	go func() {
-		r.copy(r.up, r.app, &st.BytesUp, idle > 0)
+		r.copy(r.up, r.app, &st.BytesUp, &r.conn.up, idle > 0)
 		finish()
 	}()
 	go func() {
-		r.copy(r.app, r.up, &st.BytesDown, idle > 0)
+		r.copy(r.app, r.up, &st.BytesDown, &r.conn.down, idle > 0)
 		finish()
 	}()
 }
@@ -333,7 +353,7 @@ type halfCloser interface {
 // copy moves src to dst until src ends. A FIN (EOF) becomes CloseWrite on
 // dst while the other direction keeps going; any other end (RST, error)
 // aborts the whole flow, so a reset on one side is a reset on the other.
-func (r *tcpRelay) copy(dst halfCloser, src io.Reader, count *atomic.Uint64, touch bool) {
+func (r *tcpRelay) copy(dst halfCloser, src io.Reader, count, flowCount *atomic.Uint64, touch bool) {
 	waiter, _ := src.(ReadWaiter)
 	var bp *[]byte
 	large := false
@@ -365,6 +385,7 @@ func (r *tcpRelay) copy(dst halfCloser, src io.Reader, count *atomic.Uint64, tou
 				return
 			}
 			count.Add(uint64(n))
+			flowCount.Add(uint64(n))
 		}
 		if err == io.EOF {
 			if dst.CloseWrite() != nil {

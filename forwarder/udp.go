@@ -34,6 +34,8 @@ type UDPConfig struct {
 	// Names, when set, gives the domain behind a destination address
 	// (fake-ip), for datagrams a mapping sends after its first.
 	Names func(netip.Addr) (string, bool)
+	// Tracker, when set, tracks every mapping.
+	Tracker *Tracker
 }
 
 // pendingMax bounds the datagrams held for a mapping whose upstream session
@@ -139,38 +141,86 @@ func (t *UDPTable) Handle(src, dst netip.AddrPort, payload []byte) bool {
 		return false
 	}
 	s := t.sessions[key]
+	t.mu.Unlock()
 	if s == nil {
-		if len(t.sessions) >= t.cfg.MaxSessions {
-			t.mu.Unlock()
-			t.stats.RefusedOverCap.Add(1)
-			return true
-		}
-		flow := Flow{Network: "udp", Src: src, Dst: dst}
-		d := t.route(&flow)
-		if c, ok := d.(outbound.UDPCarrier); ok && !c.CarriesUDP() {
-			t.mu.Unlock()
-			if flow.Release != nil {
-				flow.Release()
-			}
-			t.stats.RefusedByOutbound.Add(1)
+		var refused bool
+		if s, refused = t.open(key, src, dst); refused {
 			return false
 		}
-		idle := t.cfg.IdleTimeout
-		if dst.Port() == 53 {
-			idle = t.cfg.DNSIdleTimeout
+		if s == nil {
+			return true // over the cap, or closed: dropped and counted
 		}
-		s = &udpSession{table: t, key: key, src: src, dst: dst, domain: flow.Domain, release: flow.Release, dialer: d, idle: idle}
-		s.ctx, s.cancel = context.WithCancel(t.ctx)
-		s.touch()
-		t.sessions[key] = s
-		t.stats.Opened.Add(1)
-		t.stats.Active.Add(1)
-		t.wg.Add(1)
-		go s.open()
 	}
-	t.mu.Unlock()
 	s.send(dst, payload)
 	return true
+}
+
+// open makes the mapping for a datagram that has none. The route step
+// runs outside the table's lock (it may look the flow's name up, or ask
+// the kernel about a looping socket), so a slow one holds up only this
+// datagram. It returns nil when the mapping cannot be made (the cap, a
+// closed table, a retired outbound), and refused when the outbound
+// carries no UDP.
+func (t *UDPTable) open(key udpKey, src, dst netip.AddrPort) (s *udpSession, refused bool) {
+	if t.Len() >= t.cfg.MaxSessions {
+		t.stats.RefusedOverCap.Add(1)
+		return nil, false
+	}
+	flow := Flow{Network: "udp", Inbound: "tun", Src: src, Dst: dst}
+	d := t.route(&flow)
+	release := func() {
+		if flow.Release != nil {
+			flow.Release()
+		}
+	}
+	if c, ok := d.(outbound.UDPCarrier); ok && !c.CarriesUDP() {
+		release()
+		t.stats.RefusedByOutbound.Add(1)
+		return nil, true
+	}
+	idle := t.cfg.IdleTimeout
+	if dst.Port() == 53 {
+		idle = t.cfg.DNSIdleTimeout
+	}
+	s = &udpSession{table: t, key: key, src: src, dst: dst, domain: flow.Domain, release: flow.Release, dialer: d, idle: idle, tracked: &Conn{}}
+	s.ctx, s.cancel = context.WithCancel(t.ctx)
+	s.touch()
+	t.mu.Lock()
+	switch other := t.sessions[key]; {
+	case t.closed:
+		t.mu.Unlock()
+		s.cancel()
+		release()
+		return nil, false
+	case other != nil:
+		// Another datagram of this source made the mapping meanwhile.
+		t.mu.Unlock()
+		s.cancel()
+		release()
+		return other, false
+	case len(t.sessions) >= t.cfg.MaxSessions:
+		t.mu.Unlock()
+		s.cancel()
+		release()
+		t.stats.RefusedOverCap.Add(1)
+		return nil, false
+	}
+	if tr := t.cfg.Tracker; tr != nil {
+		if s.tracked = tr.track(&flow, d, s.close); s.tracked == nil {
+			t.mu.Unlock()
+			s.cancel()
+			release()
+			t.stats.Dropped.Add(1)
+			return nil, false
+		}
+	}
+	t.sessions[key] = s
+	t.stats.Opened.Add(1)
+	t.stats.Active.Add(1)
+	t.wg.Add(1)
+	t.mu.Unlock()
+	go s.open()
+	return s, false
 }
 
 // remove deletes s from the table if it is still the entry for its key.
@@ -179,6 +229,9 @@ func (t *UDPTable) remove(s *udpSession) {
 	if t.sessions[s.key] == s {
 		delete(t.sessions, s.key)
 		t.stats.Active.Add(-1)
+		if t.cfg.Tracker != nil {
+			t.cfg.Tracker.untrack(s.tracked)
+		}
 	}
 	t.mu.Unlock()
 }
@@ -244,6 +297,7 @@ type udpSession struct {
 	dialer   outbound.Dialer
 	idle     time.Duration
 	last     atomic.Int64
+	tracked  *Conn // the tracker's entry (a detached one when untracked)
 
 	// opened mirrors conn != nil && !closed, for send to read without
 	// the lock per datagram.
@@ -425,6 +479,11 @@ func (s *udpSession) sendBatch() {
 	sent, err := s.bw.WriteBatch(batch)
 	st := &s.table.stats
 	st.PacketsUp.Add(uint64(sent))
+	var bytes uint64
+	for _, d := range batch[:sent] {
+		bytes += uint64(len(d.Payload))
+	}
+	s.tracked.up.Add(bytes)
 	if dropped := len(batch) - sent; dropped > 0 {
 		st.Dropped.Add(uint64(dropped))
 		s.table.log.Debug("udp send", "outbound", s.dialer.Name(), "src", s.src, "dropped", dropped, "err", err)
@@ -487,6 +546,7 @@ func (s *udpSession) write(dst netip.AddrPort, payload []byte) {
 		return
 	}
 	s.table.stats.PacketsUp.Add(1)
+	s.tracked.up.Add(uint64(len(payload)))
 }
 
 // readLoop moves datagrams from any remote back to the app, until the
@@ -511,6 +571,7 @@ func (s *udpSession) readLoop() {
 			continue
 		}
 		t.stats.PacketsDown.Add(1)
+		s.tracked.down.Add(uint64(n))
 	}
 }
 

@@ -6,7 +6,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/tungate/tungate/configs"
-	"github.com/tungate/tungate/sysroute"
+	"github.com/tungate/tungate/gateway"
 )
 
 // newCleanupCmd is `tungate cleanup`: by hand, what every start does
@@ -24,18 +24,13 @@ func newCleanupCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			log := newLogger(cfg.Log)
-			restored, err := sysroute.RestoreSystemDNS(sysroute.SystemDNSJournal(cfg.Route.Journal), log)
-			if err != nil {
-				return err
-			}
-			rc := routeConfig(cfg, cfg.Tun.Name)
-			n, err := sysroute.Cleanup(rc, log)
+			log, _ := newLogger(cfg.Log)
+			n, restored, err := gateway.Cleanup(cfg, log)
 			if err != nil {
 				return err
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "tungate cleanup: removed %d rules, routes and nft tables (route.table %d, rules from priority %d, journal %s); restored %d resolver settings\n",
-				n, rc.Table, rc.Priority, rc.Journal, restored)
+				n, cfg.Route.Table, cfg.Route.Priority, cfg.Route.Journal, restored)
 			return nil
 		},
 	}

@@ -11,7 +11,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/tungate/tungate/configs"
-	"github.com/tungate/tungate/router"
+	"github.com/tungate/tungate/gateway"
 	"github.com/tungate/tungate/sysroute"
 )
 
@@ -93,33 +93,10 @@ func parseExplain(s string) (explainQuery, error) {
 	return explainQuery{dst: netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port()), proto: proto}, nil
 }
 
-// doctorConfig is what sysroute checks the host against for cfg.
-func doctorConfig(cfg *configs.Config, path string) sysroute.DoctorConfig {
-	dc := sysroute.DoctorConfig{
-		Route:        routeConfig(cfg, cfg.Tun.Name),
-		Auto:         cfg.Route.Auto,
-		SetSystemDNS: cfg.Route.SetSystemDNS,
-		DNSEnabled:   cfg.DNS.Enabled,
-		DNSListen:    cfg.DNS.Listen,
-	}
-	if path != "" {
-		dc.ConfigFlag = "--config " + path
-	}
-	for i, o := range cfg.Outbounds {
-		if o.Type == configs.OutboundDirect && o.Interface != "" {
-			dc.Outbounds = append(dc.Outbounds, sysroute.OutboundInterface{Key: fmt.Sprintf("outbounds[%d] (%s)", i, o.Name), Interface: o.Interface})
-		}
-	}
-	for _, r := range cfg.Rules {
-		dc.SourceCIDRs = append(dc.SourceCIDRs, r.SourceCIDR...)
-	}
-	return dc
-}
-
 // doctor prints the report and returns how many problems it found.
 func doctor(w io.Writer, cfg *configs.Config, path string, queries []explainQuery, uid *uint32) (int, error) {
 	printConfig(w, cfg, path)
-	dc := doctorConfig(cfg, path)
+	dc := gateway.DoctorConfig(cfg, path)
 	st, err := sysroute.Inspect(dc)
 	if err != nil {
 		return 0, err
@@ -155,7 +132,7 @@ func printConfig(w io.Writer, cfg *configs.Config, path string) {
 	fmt.Fprintf(w, "  tun:       %s, mtu %d, %s\n", cfg.Tun.Name, cfg.Tun.MTU, strings.Join(addrs, ", "))
 	obs := make([]string, len(cfg.Outbounds))
 	for i, o := range cfg.Outbounds {
-		obs[i] = o.Name + " (" + describeOutbound(o) + ")"
+		obs[i] = o.Name + " (" + gateway.DescribeOutbound(o) + ")"
 	}
 	fmt.Fprintf(w, "  outbounds: %s\n", strings.Join(obs, "; "))
 	fmt.Fprintf(w, "  rules:     %d, final: %s\n", len(cfg.Rules), cfg.FinalOutbound())
@@ -192,20 +169,6 @@ func onOff(b bool) string {
 		return "on"
 	}
 	return "off"
-}
-
-func describeOutbound(o configs.Outbound) string {
-	switch o.Type {
-	case configs.OutboundDirect:
-		s := fmt.Sprintf("direct, fwmark %#x", o.FWMark)
-		if o.Interface != "" {
-			s += ", interface " + o.Interface
-		}
-		return s
-	case configs.OutboundSOCKS5, configs.OutboundHTTP:
-		return o.Type + " " + o.Address
-	}
-	return o.Type
 }
 
 func printState(w io.Writer, cfg *configs.Config, dc sysroute.DoctorConfig, st *sysroute.HostState) {
@@ -280,51 +243,6 @@ func printState(w io.Writer, cfg *configs.Config, dc sysroute.DoctorConfig, st *
 	}
 }
 
-// describeRule renders a rule's conditions in the configuration's words.
-func describeRule(r configs.Rule) string {
-	var parts []string
-	list := func(key string, vals []string) {
-		if len(vals) > 0 {
-			parts = append(parts, key+" "+strings.Join(vals, ","))
-		}
-	}
-	strs := func(n int, f func(int) string) []string {
-		out := make([]string, n)
-		for i := range out {
-			out[i] = f(i)
-		}
-		return out
-	}
-	list("domain", r.Domain)
-	list("domain_suffix", r.DomainSuffix)
-	list("domain_keyword", r.DomainKeyword)
-	list("domain_regex", r.DomainRegex)
-	list("ip_cidr", strs(len(r.IPCIDR), func(i int) string { return r.IPCIDR[i].String() }))
-	list("source_cidr", strs(len(r.SourceCIDR), func(i int) string { return r.SourceCIDR[i].String() }))
-	list("port", strs(len(r.Port), func(i int) string { return r.Port[i].String() }))
-	if r.Network != "" {
-		parts = append(parts, "network "+r.Network)
-	}
-	list("uid", strs(len(r.UID), func(i int) string { return r.UID[i].String() }))
-	list("cgroup", r.Cgroup)
-	if len(parts) == 0 {
-		return "no conditions: every flow"
-	}
-	return strings.Join(parts, ", ")
-}
-
-// transportOf returns the fwmark and interface of the sockets that reach
-// proxies: the first direct outbound's, or the default mark (see
-// buildOutbounds).
-func transportOf(cfg *configs.Config) (uint32, string) {
-	for _, o := range cfg.Outbounds {
-		if o.Type == configs.OutboundDirect {
-			return o.FWMark, o.Interface
-		}
-	}
-	return defaultFWMark, ""
-}
-
 // explainDestination prints how tungate and the kernel route q and
 // returns the problems it found (a loop).
 func explainDestination(w io.Writer, cfg *configs.Config, q explainQuery, uid *uint32) int {
@@ -349,28 +267,25 @@ func explainDestination(w io.Writer, cfg *configs.Config, q explainQuery, uid *u
 		fmt.Fprintln(w, "  tungate never sees this flow; if it did:")
 	}
 
-	// tungate's decision.
-	if cfg.DNS.Enabled && q.dst.Port() == 53 {
-		if hj, err := newHijack(cfg.DNS); err == nil && hj.match(q.dst) {
-			fmt.Fprintf(w, "  tungate: answered by its DNS proxy (dns.hijack %s); its upstream queries go out through outbound %q\n",
-				strings.Join(cfg.DNS.Hijack, ","), cfg.DNSOutbound())
-			return 0
-		}
-	}
-	rt, err := router.New(cfg.Rules, cfg.FinalOutbound())
-	if err != nil {
-		fmt.Fprintf(w, "  tungate: the rules cannot be evaluated: %v\n", err)
-		return 0
-	}
+	// tungate's decision: the routing step run uses.
 	src := netip.AddrPort{}
 	if app.Src.IsValid() {
 		src = netip.AddrPortFrom(app.Src, 0)
 	}
-	name, idx := rt.Match(router.Metadata{Network: q.proto, Src: src, Dst: q.dst})
-	if idx >= 0 {
-		fmt.Fprintf(w, "  tungate: rules[%d] (%s) → outbound %q\n", idx, describeRule(cfg.Rules[idx]), name)
-	} else {
-		fmt.Fprintf(w, "  tungate: no rule matches → final outbound %q\n", name)
+	e, err := gateway.Explain(cfg, gateway.Meta{Network: q.proto, Inbound: "tun", Src: src, Dst: q.dst, UID: &owner})
+	d := e.Decision
+	switch {
+	case d.DNS:
+		fmt.Fprintf(w, "  tungate: answered by its DNS proxy (dns.hijack %s); its upstream queries go out through outbound %q\n",
+			strings.Join(cfg.DNS.Hijack, ","), cfg.DNSOutbound())
+		return 0
+	case err != nil && d.Outbound == "":
+		fmt.Fprintf(w, "  tungate: the rules cannot be evaluated: %v\n", err)
+		return 0
+	case d.Rule >= 0:
+		fmt.Fprintf(w, "  tungate: rules[%d] (%s) → outbound %q\n", d.Rule, d.RulePayload, d.Outbound)
+	default:
+		fmt.Fprintf(w, "  tungate: no rule matches → final outbound %q\n", d.Outbound)
 	}
 	for _, r := range cfg.Rules {
 		if len(r.Domain)+len(r.DomainSuffix)+len(r.DomainKeyword)+len(r.DomainRegex) > 0 {
@@ -380,38 +295,26 @@ func explainDestination(w io.Writer, cfg *configs.Config, q explainQuery, uid *u
 	}
 
 	// tungate's upstream.
-	o, ok := cfg.LookupOutbound(name)
-	if !ok {
-		fmt.Fprintf(w, "  upstream: outbound %q is not configured\n", name)
+	if err != nil {
+		fmt.Fprintf(w, "  upstream: %v\n", err)
 		return 0
 	}
-	var (
-		uq   sysroute.RouteQuery
-		what string
-	)
-	switch o.Type {
-	case configs.OutboundReject:
-		fmt.Fprintln(w, "  upstream: none: a reject outbound refuses the flow (TCP: RST, UDP: ICMP port unreachable)")
-		return 0
-	case configs.OutboundDirect:
-		uq = sysroute.RouteQuery{Dst: q.dst.Addr(), Proto: q.proto, DPort: q.dst.Port(), Mark: o.FWMark, Oif: o.Interface}
-		what = fmt.Sprintf("tungate's direct socket to %s", q.dst)
-	case configs.OutboundSOCKS5, configs.OutboundHTTP:
-		proxy, err := netip.ParseAddrPort(o.Address)
-		if err != nil {
-			fmt.Fprintf(w, "  upstream: the %s proxy %s (a name: not looked up)\n", o.Type, o.Address)
-			return 0
-		}
-		mark, iface := transportOf(cfg)
-		uq = sysroute.RouteQuery{Dst: proxy.Addr(), Proto: "tcp", DPort: proxy.Port(), Mark: mark, Oif: iface}
-		if o.Type == configs.OutboundSOCKS5 && q.proto == "udp" {
-			uq.Proto = "" // UDP ASSOCIATE relays to a port the proxy picks
-		}
-		what = fmt.Sprintf("tungate's socket to the %s proxy %s", o.Type, proxy)
-	default:
+	o, _ := cfg.LookupOutbound(d.Outbound)
+	up := e.Upstream
+	switch {
+	case !e.Known:
 		fmt.Fprintf(w, "  upstream: outbound type %s is not explained\n", o.Type)
 		return 0
+	case up.None:
+		fmt.Fprintf(w, "  upstream: none: %s\n", up.Note)
+		return 0
 	}
+	dst, perr := netip.ParseAddrPort(up.Addr)
+	if perr != nil {
+		fmt.Fprintf(w, "  upstream: the %s proxy %s (a name: not looked up)\n", o.Type, up.Addr)
+		return 0
+	}
+	uq := sysroute.RouteQuery{Dst: dst.Addr(), Proto: up.Network, DPort: dst.Port(), Mark: e.Socket.FWMark, Oif: e.Socket.Interface}
 	mark := "no mark"
 	if uq.Mark != 0 {
 		mark = fmt.Sprintf("fwmark %#x", uq.Mark)
@@ -419,11 +322,11 @@ func explainDestination(w io.Writer, cfg *configs.Config, q explainQuery, uid *u
 	if uq.Oif != "" {
 		mark += ", bound to " + uq.Oif
 	}
-	up := sysroute.RouteLookup(uq)
-	fmt.Fprintf(w, "  kernel, %s (%s): %s\n", what, mark, up)
-	if up.Err == nil && up.Dev == tun {
+	res := sysroute.RouteLookup(uq)
+	fmt.Fprintf(w, "  kernel, %s (%s): %s\n", up.What, mark, res)
+	if res.Err == nil && res.Dev == tun {
 		f := sysroute.Finding{Check: "loop", Problem: true,
-			Detail: fmt.Sprintf("outbound %q's traffic to %s goes back into the TUN %s", name, uq.Dst, tun),
+			Detail: fmt.Sprintf("outbound %q's traffic to %s goes back into the TUN %s", d.Outbound, uq.Dst, tun),
 			Fix:    "give the outbound an fwmark that route.auto excludes (outbounds[].fwmark), or bind it to the physical interface (outbounds[].interface)"}
 		fmt.Fprintln(w, "  "+f.String())
 		return 1

@@ -52,7 +52,7 @@ func newRunCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			return run(cmd.Context(), cfg)
+			return run(cmd.Context(), cfg, path, cmd.Flags())
 		},
 	}
 	cmd.Flags().StringVarP(&path, "config", "c", "", "YAML configuration file")

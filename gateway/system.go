@@ -1,21 +1,15 @@
-package main
+package gateway
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"log/slog"
 	"strings"
 
 	"github.com/tungate/tungate/configs"
-	"github.com/tungate/tungate/forwarder"
 	"github.com/tungate/tungate/outbound"
 	"github.com/tungate/tungate/sysroute"
 )
-
-// installedRoutes is what installRoutes leaves for removeRoutes to undo
-// (the gateway's routes field).
-type installedRoutes = *systemState
 
 // systemState is tungate's changes to the host: routes and rules
 // (route.auto) and the system resolver (route.set_system_dns).
@@ -24,32 +18,9 @@ type systemState struct {
 	dns    *sysroute.SystemDNS
 }
 
-// ownMarks returns the fwmarks on tungate's own upstream sockets — every
-// direct outbound's, and the proxy transport's (the first direct
-// outbound's, or defaultFWMark without one) — and whether some of them
-// carry none.
-func ownMarks(cfg *configs.Config) (marks []uint32, unmarked bool) {
-	direct := false
-	for _, o := range cfg.Outbounds {
-		if o.Type != configs.OutboundDirect {
-			continue
-		}
-		direct = true
-		if o.FWMark == 0 {
-			unmarked = true
-		} else {
-			marks = append(marks, o.FWMark)
-		}
-	}
-	if !direct {
-		marks = append(marks, defaultFWMark)
-	}
-	return marks, unmarked
-}
-
-// routeConfig is the sysroute configuration for cfg and the TUN tunName.
-func routeConfig(cfg *configs.Config, tunName string) sysroute.Config {
-	marks, _ := ownMarks(cfg)
+// RouteConfig is the sysroute configuration for cfg and the TUN tunName.
+func RouteConfig(cfg *configs.Config, tunName string) sysroute.Config {
+	marks, _ := OwnMarks(cfg)
 	r := cfg.Route
 	return sysroute.Config{
 		TunName:          tunName,
@@ -73,10 +44,7 @@ func routeConfig(cfg *configs.Config, tunName string) sysroute.Config {
 //
 // With route.set_system_dns it then points the system resolver at
 // dns.listen (see sysroute.SetSystemDNS).
-func (g *gateway) installRoutes(cfg *configs.Config) error {
-	if g.routes == nil {
-		g.routes = &systemState{}
-	}
+func (g *Gateway) installRoutes(cfg *configs.Config) error {
 	if cfg.Route.Auto {
 		if err := g.installAutoRoute(cfg); err != nil {
 			return err
@@ -89,19 +57,19 @@ func (g *gateway) installRoutes(cfg *configs.Config) error {
 }
 
 // installAutoRoute installs tungate's table and rules.
-func (g *gateway) installAutoRoute(cfg *configs.Config) error {
+func (g *Gateway) installAutoRoute(cfg *configs.Config) error {
 	for i, o := range cfg.Outbounds {
-		if o.Type == configs.OutboundDirect && o.FWMark == 0 && o.Interface == "" {
+		if so, ok := o.Settings.(outbound.SocketOwner); ok && so.Socket() == (outbound.Socket{}) {
 			g.log.Warn("auto-route: this outbound's sockets carry no fwmark; they stay out of the TUN only while bound to a detected default interface; set its fwmark",
 				"outbound", fmt.Sprintf("outbounds[%d] (%s)", i, o.Name))
 		}
 	}
-	rc := routeConfig(cfg, g.dev.Name())
+	rc := RouteConfig(cfg, g.dev.Name())
 	r, err := sysroute.Install(rc, g.log.With("component", "route"))
 	if err != nil {
 		return err
 	}
-	g.routes.routes = r
+	g.system.routes = r
 	first, last := r.Band()
 	marks := make([]string, len(rc.FWMarks))
 	for i, m := range rc.FWMarks {
@@ -125,7 +93,7 @@ func systemDNSConfig(cfg *configs.Config, tunName string) sysroute.SystemDNSConf
 }
 
 // setSystemDNS points the system resolver at dns.listen.
-func (g *gateway) setSystemDNS(cfg *configs.Config) error {
+func (g *Gateway) setSystemDNS(cfg *configs.Config) error {
 	switch {
 	case !cfg.DNS.Enabled:
 		return errors.New("route.set_system_dns needs dns.enabled: nothing would answer at dns.listen")
@@ -139,7 +107,7 @@ func (g *gateway) setSystemDNS(cfg *configs.Config) error {
 	if err != nil {
 		return err
 	}
-	g.routes.dns = d
+	g.system.dns = d
 	g.log.Info("system DNS set", "server", dc.Server, "way", d.Way(), "journal", dc.Journal)
 	return nil
 }
@@ -162,18 +130,15 @@ func recoverSystemDNS(cfg *configs.Config, log *slog.Logger) error {
 
 // removeRoutes undoes installRoutes, resolver first; it is called first
 // on shutdown.
-func (g *gateway) removeRoutes() {
-	if g.routes == nil {
-		return
-	}
-	if d := g.routes.dns; d != nil {
+func (g *Gateway) removeRoutes() {
+	if d := g.system.dns; d != nil {
 		if err := d.Close(); err != nil {
 			g.log.Error("system DNS: restoring the resolver", "err", err)
 		} else {
 			g.log.Info("system DNS restored")
 		}
 	}
-	r := g.routes.routes
+	r := g.system.routes
 	if r == nil {
 		return
 	}
@@ -184,53 +149,41 @@ func (g *gateway) removeRoutes() {
 	g.log.Info("auto-route removed")
 }
 
-// loopGuard wraps the flow router: a flow that one of tungate's own
-// upstream sockets sent into the TUN (a routing loop: an outbound whose
-// fwmark no rule excludes, or one bound to the TUN) is refused at once —
-// a RST, or ICMP port unreachable for UDP — with one log line saying how
-// to fix it, instead of being dialled again, which would loop until the
-// dial timeout. Other flows go to route unchanged.
-//
-// It is wired in start() by one line after the route closure:
-//
-//	route = g.loopGuard(cfg, route)
-func (g *gateway) loopGuard(cfg *configs.Config, route forwarder.Route) forwarder.Route {
-	log := g.log.With("component", "loop")
-	marks, unmarked := ownMarks(cfg)
-	lc := sysroute.LoopConfig{Marks: marks, Unmarked: unmarked, Priority: cfg.Route.Priority, Tun: cfg.Tun.Name}
-	if cfg.Route.Auto {
-		lc.Excluded = marks // sysroute excludes exactly these
-	}
-	// The detector lives as long as the process (two netlink sockets).
-	det, err := sysroute.NewLoopDetector(lc, log)
+
+// Cleanup is what every start does first, by hand: it restores the system
+// resolver and removes the routes, rules and nft table a killed tungate
+// left behind, by its journals and by tungate's tag in its band and
+// table. It returns how many routing objects it removed and how many
+// resolver settings it restored.
+func Cleanup(cfg *configs.Config, log *slog.Logger) (removed, restored int, err error) {
+	restored, err = sysroute.RestoreSystemDNS(sysroute.SystemDNSJournal(cfg.Route.Journal), log)
 	if err != nil {
-		log.Warn("loop detection is off", "err", err)
-		return route
+		return 0, 0, err
 	}
-	log.Debug("loop guard on", "fwmarks", marks, "unmarked_outbounds", unmarked)
-	return func(f *forwarder.Flow) outbound.Dialer {
-		if det.Loop(f.Network, f.Src, f.Dst) {
-			return loopRefusal{}
+	removed, err = sysroute.Cleanup(RouteConfig(cfg, cfg.Tun.Name), log)
+	return removed, restored, err
+}
+
+// DoctorConfig is what doctor checks the host against for cfg; path is
+// the configuration file ("" for the embedded default).
+func DoctorConfig(cfg *configs.Config, path string) sysroute.DoctorConfig {
+	dc := sysroute.DoctorConfig{
+		Route:        RouteConfig(cfg, cfg.Tun.Name),
+		Auto:         cfg.Route.Auto,
+		SetSystemDNS: cfg.Route.SetSystemDNS,
+		DNSEnabled:   cfg.DNS.Enabled,
+		DNSListen:    cfg.DNS.Listen,
+	}
+	if path != "" {
+		dc.ConfigFlag = "--config " + path
+	}
+	for i, o := range cfg.Outbounds {
+		if so, ok := o.Settings.(outbound.SocketOwner); ok && so.Socket().Interface != "" {
+			dc.Outbounds = append(dc.Outbounds, sysroute.OutboundInterface{Key: fmt.Sprintf("outbounds[%d] (%s)", i, o.Name), Interface: so.Socket().Interface})
 		}
-		return route(f)
 	}
+	for _, r := range cfg.Rules {
+		dc.SourceCIDRs = append(dc.SourceCIDRs, r.SourceCIDR...)
+	}
+	return dc
 }
-
-// loopRefusal refuses a looping flow.
-type loopRefusal struct{}
-
-func (loopRefusal) Name() string { return "loop-guard" }
-
-func (loopRefusal) DialTCP(_ context.Context, dst outbound.Target) (outbound.TCPConn, error) {
-	return nil, fmt.Errorf("routing loop to %s refused: %w", dst, outbound.ErrRefused)
-}
-
-func (loopRefusal) ListenUDP(_ context.Context, first outbound.Target) (outbound.PacketConn, error) {
-	return nil, fmt.Errorf("routing loop to %s refused: %w", first, outbound.ErrRefused)
-}
-
-// CarriesUDP implements outbound.UDPCarrier: a looping datagram is
-// refused at once (ICMP port unreachable).
-func (loopRefusal) CarriesUDP() bool { return false }
-
-var _ outbound.UDPCarrier = loopRefusal{}

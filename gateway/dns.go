@@ -1,15 +1,17 @@
-package main
+package gateway
 
 import (
 	"context"
 	"fmt"
 	"net/netip"
 	"strconv"
+	"log/slog"
 	"strings"
 	"sync/atomic"
 
 	"github.com/tungate/tungate/configs"
 	"github.com/tungate/tungate/dnsproxy"
+	"github.com/tungate/tungate/outbound"
 )
 
 // hijack decides which flows dnsproxy answers: port-53 traffic to the
@@ -43,6 +45,7 @@ func newHijack(cfg configs.DNS) (*hijack, error) {
 	return h, nil
 }
 
+// match reports whether dnsproxy answers a flow to dst.
 func (h *hijack) match(dst netip.AddrPort) bool {
 	if h == nil {
 		return false
@@ -111,4 +114,61 @@ func onlyResolvedStub(ups []string) bool {
 		}
 	}
 	return len(ups) > 0
+}
+
+// newDNSProxy builds the DNS proxy of cfg; its upstream queries go through
+// dialer.
+func newDNSProxy(cfg *configs.Config, dialer outbound.Dialer, log *slog.Logger) (*dnsproxy.Proxy, error) {
+	upstreams := cfg.DNS.Upstreams
+	if len(upstreams) == 0 {
+		var err error
+		if upstreams, err = systemUpstreams(cfg); err != nil {
+			return nil, err
+		}
+	}
+	// Upstreams given by name (tls://dns.example) are resolved once through
+	// the plain-UDP upstreams given by address.
+	var bootstrap []netip.AddrPort
+	for _, u := range upstreams {
+		if up, err := dnsproxy.ParseUpstream(u); err == nil && up.Scheme == dnsproxy.SchemeUDP && up.Addr.IsValid() {
+			bootstrap = append(bootstrap, up.Addr)
+		}
+	}
+	return dnsproxy.New(dnsproxy.Config{
+		Mode:        cfg.DNS.Mode,
+		Upstreams:   upstreams,
+		Bootstrap:   bootstrap,
+		CacheSize:   cfg.DNS.Cache.Size,
+		FakeRange4:  cfg.DNS.FakeIP.Range4,
+		FakeRange6:  cfg.DNS.FakeIP.Range6,
+		FakeTTL:     cfg.DNS.FakeIP.TTL,
+		FakeExclude: cfg.DNS.FakeIP.Exclude,
+		Store:       cfg.DNS.FakeIP.Store,
+	}, dialer, log)
+}
+
+// swappableDialer is the outbound the DNS proxy's upstream queries go
+// through: dns.outbound, which a reload may point elsewhere without
+// rebuilding the proxy (and its cache and fake-ip pool).
+type swappableDialer struct {
+	current atomic.Pointer[dialerBox]
+}
+
+type dialerBox struct{ outbound.Dialer }
+
+func (s *swappableDialer) set(d outbound.Dialer) { s.current.Store(&dialerBox{d}) }
+
+func (s *swappableDialer) get() outbound.Dialer { return s.current.Load().Dialer }
+
+// Name implements outbound.Dialer.
+func (s *swappableDialer) Name() string { return s.get().Name() }
+
+// DialTCP implements outbound.Dialer.
+func (s *swappableDialer) DialTCP(ctx context.Context, dst outbound.Target) (outbound.TCPConn, error) {
+	return s.get().DialTCP(ctx, dst)
+}
+
+// ListenUDP implements outbound.Dialer.
+func (s *swappableDialer) ListenUDP(ctx context.Context, first outbound.Target) (outbound.PacketConn, error) {
+	return s.get().ListenUDP(ctx, first)
 }
