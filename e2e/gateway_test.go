@@ -12,7 +12,6 @@ import (
 	"testing"
 	"time"
 
-	"go.yaml.in/yaml/v3"
 	"golang.org/x/sys/unix"
 
 	"github.com/tungate/tungate/internal/netlab"
@@ -59,6 +58,9 @@ type gateway struct {
 	lab  *netlab.Lab
 	proc *netlab.Proc
 	http *http.Client
+	// config is the file tungate was started with (--config), which it
+	// re-reads on SIGHUP.
+	config string
 }
 
 // baseConfig is the configuration every test starts from: a TUN in the app
@@ -89,15 +91,8 @@ func baseConfig() map[string]any {
 // TUN and `not fwmark <mark>` rules sending everything else there.
 func startGateway(t testing.TB, lab *netlab.Lab, cfg map[string]any) *gateway {
 	t.Helper()
-	raw, err := yaml.Marshal(cfg)
-	if err != nil {
-		t.Fatalf("yaml.Marshal: %v", err)
-	}
-	path := filepath.Join(t.TempDir(), "tungate.yaml")
-	if err := os.WriteFile(path, raw, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	g := &gateway{t: t, lab: lab}
+	path := writeYAML(t, cfg)
+	g := &gateway{t: t, lab: lab, config: path}
 	g.proc = lab.App.Start(t, tungateBin, "run", "--config", path)
 	lab.App.WaitLink(t, tunName, true, startWait)
 	lab.App.RouteIntoTUN(t, tunName, routeTab, fwmark, rulePrio)

@@ -109,7 +109,7 @@ func writeYAML(t testing.TB, cfg map[string]any) string {
 func startAuto(t *testing.T, lab *netlab.Lab, cfg map[string]any) *gateway {
 	t.Helper()
 	path := writeYAML(t, cfg)
-	g := &gateway{t: t, lab: lab}
+	g := &gateway{t: t, lab: lab, config: path}
 	g.proc = lab.App.Start(t, tungateBin, "run", "--config", path)
 	g.http = lab.App.HTTPClient()
 	waitLog(t, g.proc, "auto-route installed", startWait)
