@@ -6,6 +6,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/tungate/tungate/configs"
+	"github.com/tungate/tungate/sysdns"
 	"github.com/tungate/tungate/sysroute"
 )
 
@@ -25,7 +26,7 @@ func newCleanupCmd() *cobra.Command {
 				return err
 			}
 			log := newLogger(cfg.Log)
-			restored, err := sysroute.RestoreSystemDNS(sysroute.SystemDNSJournal(cfg.Route.Journal), log)
+			restored, err := sysdns.RestoreSystemDNS(sysdns.SystemDNSJournal(cfg.Route.Journal), log)
 			if err != nil {
 				return err
 			}

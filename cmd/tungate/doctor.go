@@ -11,6 +11,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/tungate/tungate/configs"
+	"github.com/tungate/tungate/doctor"
 	"github.com/tungate/tungate/router"
 	"github.com/tungate/tungate/sysroute"
 )
@@ -56,7 +57,7 @@ it finds a problem. Run it where tungate runs (same network namespace).`,
 				u := uint32(uid)
 				uidp = &u
 			}
-			n, err := doctor(cmd.OutOrStdout(), cfg, path, queries, uidp)
+			n, err := runDoctor(cmd.OutOrStdout(), cfg, path, queries, uidp)
 			if err != nil {
 				return err
 			}
@@ -93,9 +94,9 @@ func parseExplain(s string) (explainQuery, error) {
 	return explainQuery{dst: netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port()), proto: proto}, nil
 }
 
-// doctorConfig is what sysroute checks the host against for cfg.
-func doctorConfig(cfg *configs.Config, path string) sysroute.DoctorConfig {
-	dc := sysroute.DoctorConfig{
+// doctorConfig is what doctor checks the host against for cfg.
+func doctorConfig(cfg *configs.Config, path string) doctor.DoctorConfig {
+	dc := doctor.DoctorConfig{
 		Route:        routeConfig(cfg, cfg.Tun.Name),
 		Auto:         cfg.Route.Auto,
 		SetSystemDNS: cfg.Route.SetSystemDNS,
@@ -107,7 +108,7 @@ func doctorConfig(cfg *configs.Config, path string) sysroute.DoctorConfig {
 	}
 	for i, o := range cfg.Outbounds {
 		if o.Type == configs.OutboundDirect && o.Interface != "" {
-			dc.Outbounds = append(dc.Outbounds, sysroute.OutboundInterface{Key: fmt.Sprintf("outbounds[%d] (%s)", i, o.Name), Interface: o.Interface})
+			dc.Outbounds = append(dc.Outbounds, doctor.OutboundInterface{Key: fmt.Sprintf("outbounds[%d] (%s)", i, o.Name), Interface: o.Interface})
 		}
 	}
 	for _, r := range cfg.Rules {
@@ -116,21 +117,21 @@ func doctorConfig(cfg *configs.Config, path string) sysroute.DoctorConfig {
 	return dc
 }
 
-// doctor prints the report and returns how many problems it found.
-func doctor(w io.Writer, cfg *configs.Config, path string, queries []explainQuery, uid *uint32) (int, error) {
+// runDoctor prints the report and returns how many problems it found.
+func runDoctor(w io.Writer, cfg *configs.Config, path string, queries []explainQuery, uid *uint32) (int, error) {
 	printConfig(w, cfg, path)
 	dc := doctorConfig(cfg, path)
-	st, err := sysroute.Inspect(dc)
+	st, err := doctor.Inspect(dc)
 	if err != nil {
 		return 0, err
 	}
 	printState(w, cfg, dc, st)
-	findings := sysroute.Diagnose(dc, st)
+	findings := doctor.Diagnose(dc, st)
 	fmt.Fprintln(w, "\nchecks")
 	for _, f := range findings {
 		fmt.Fprintln(w, "  "+f.String())
 	}
-	problems := sysroute.Problems(findings)
+	problems := doctor.Problems(findings)
 	for _, q := range queries {
 		problems += explainDestination(w, cfg, q, uid)
 	}
@@ -208,7 +209,7 @@ func describeOutbound(o configs.Outbound) string {
 	return o.Type
 }
 
-func printState(w io.Writer, cfg *configs.Config, dc sysroute.DoctorConfig, st *sysroute.HostState) {
+func printState(w io.Writer, cfg *configs.Config, dc doctor.DoctorConfig, st *doctor.HostState) {
 	bands, _ := dc.Bands()
 	var spans []string
 	for _, b := range bands {
@@ -422,7 +423,7 @@ func explainDestination(w io.Writer, cfg *configs.Config, q explainQuery, uid *u
 	up := sysroute.RouteLookup(uq)
 	fmt.Fprintf(w, "  kernel, %s (%s): %s\n", what, mark, up)
 	if up.Err == nil && up.Dev == tun {
-		f := sysroute.Finding{Check: "loop", Problem: true,
+		f := doctor.Finding{Check: "loop", Problem: true,
 			Detail: fmt.Sprintf("outbound %q's traffic to %s goes back into the TUN %s", name, uq.Dst, tun),
 			Fix:    "give the outbound an fwmark that route.auto excludes (outbounds[].fwmark), or bind it to the physical interface (outbounds[].interface)"}
 		fmt.Fprintln(w, "  "+f.String())

@@ -9,7 +9,9 @@ import (
 
 	"github.com/tungate/tungate/configs"
 	"github.com/tungate/tungate/forwarder"
+	"github.com/tungate/tungate/loopguard"
 	"github.com/tungate/tungate/outbound"
+	"github.com/tungate/tungate/sysdns"
 	"github.com/tungate/tungate/sysroute"
 )
 
@@ -21,7 +23,7 @@ type installedRoutes = *systemState
 // (route.auto) and the system resolver (route.set_system_dns).
 type systemState struct {
 	routes *sysroute.Routes
-	dns    *sysroute.SystemDNS
+	dns    *sysdns.SystemDNS
 }
 
 // ownMarks returns the fwmarks on tungate's own upstream sockets — every
@@ -72,7 +74,7 @@ func routeConfig(cfg *configs.Config, tunName string) sysroute.Config {
 // tungate's table and rules (see sysroute).
 //
 // With route.set_system_dns it then points the system resolver at
-// dns.listen (see sysroute.SetSystemDNS).
+// dns.listen (see sysdns.SetSystemDNS).
 func (g *gateway) installRoutes(cfg *configs.Config) error {
 	if g.routes == nil {
 		g.routes = &systemState{}
@@ -115,12 +117,12 @@ func (g *gateway) installAutoRoute(cfg *configs.Config) error {
 	return nil
 }
 
-// systemDNSConfig is the sysroute configuration of route.set_system_dns.
-func systemDNSConfig(cfg *configs.Config, tunName string) sysroute.SystemDNSConfig {
-	return sysroute.SystemDNSConfig{
+// systemDNSConfig is the sysdns configuration of route.set_system_dns.
+func systemDNSConfig(cfg *configs.Config, tunName string) sysdns.SystemDNSConfig {
+	return sysdns.SystemDNSConfig{
 		Server:  cfg.DNS.Listen,
 		Link:    tunName,
-		Journal: sysroute.SystemDNSJournal(cfg.Route.Journal),
+		Journal: sysdns.SystemDNSJournal(cfg.Route.Journal),
 	}
 }
 
@@ -135,7 +137,7 @@ func (g *gateway) setSystemDNS(cfg *configs.Config) error {
 		return errors.New("route.set_system_dns needs route.journal: the original resolver is journaled beside it before it is changed")
 	}
 	dc := systemDNSConfig(cfg, g.dev.Name())
-	d, err := sysroute.SetSystemDNS(dc, g.log.With("component", "sysdns"))
+	d, err := sysdns.SetSystemDNS(dc, g.log.With("component", "sysdns"))
 	if err != nil {
 		return err
 	}
@@ -150,7 +152,7 @@ func (g *gateway) setSystemDNS(cfg *configs.Config) error {
 // system resolvers: the default dns.upstreams are read from
 // /etc/resolv.conf, which would otherwise name tungate itself.
 func recoverSystemDNS(cfg *configs.Config, log *slog.Logger) error {
-	n, err := sysroute.RestoreSystemDNS(sysroute.SystemDNSJournal(cfg.Route.Journal), log.With("component", "sysdns"))
+	n, err := sysdns.RestoreSystemDNS(sysdns.SystemDNSJournal(cfg.Route.Journal), log.With("component", "sysdns"))
 	if err != nil {
 		return err
 	}
@@ -197,12 +199,12 @@ func (g *gateway) removeRoutes() {
 func (g *gateway) loopGuard(cfg *configs.Config, route forwarder.Route) forwarder.Route {
 	log := g.log.With("component", "loop")
 	marks, unmarked := ownMarks(cfg)
-	lc := sysroute.LoopConfig{Marks: marks, Unmarked: unmarked, Priority: cfg.Route.Priority, Tun: cfg.Tun.Name}
+	lc := loopguard.LoopConfig{Marks: marks, Unmarked: unmarked, Priority: cfg.Route.Priority, Tun: cfg.Tun.Name}
 	if cfg.Route.Auto {
 		lc.Excluded = marks // sysroute excludes exactly these
 	}
 	// The detector lives as long as the process (two netlink sockets).
-	det, err := sysroute.NewLoopDetector(lc, log)
+	det, err := loopguard.NewLoopDetector(lc, log)
 	if err != nil {
 		log.Warn("loop detection is off", "err", err)
 		return route

@@ -1,4 +1,4 @@
-package sysroute
+package loopguard
 
 import (
 	"errors"
@@ -93,9 +93,12 @@ const loopLogEvery = time.Minute
 
 // newLoopDetector is NewLoopDetector with the kernel lookups given.
 func newLoopDetector(cfg LoopConfig, log *slog.Logger, find func(string, netip.AddrPort, netip.AddrPort) (sockInfo, error), owns func(uint32) bool) *LoopDetector {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
 	d := &LoopDetector{
 		cfg:     cfg,
-		log:     orDiscard(log),
+		log:     log,
 		marks:   map[uint32]bool{},
 		find:    find,
 		owns:    owns,

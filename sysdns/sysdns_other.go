@@ -1,6 +1,6 @@
 //go:build !linux
 
-package sysroute
+package sysdns
 
 import "log/slog"
 

@@ -1,4 +1,4 @@
-package sysroute
+package sysdns
 
 import (
 	"bufio"
@@ -71,21 +71,21 @@ func resolvedManages(path, link string) bool {
 	if _, err := exec.LookPath("resolvectl"); err != nil {
 		return false
 	}
-	self, err1 := nsIdentity("/proc/self/ns/net")
-	host, err2 := nsIdentity("/proc/1/ns/net")
-	if err1 != nil || err2 != nil || self != host {
+	self, err1 := os.Stat("/proc/self/ns/net")
+	host, err2 := os.Stat("/proc/1/ns/net")
+	if err1 != nil || err2 != nil || !os.SameFile(self, host) {
 		return false
 	}
-	if !pointsAtResolved(path) {
+	if !PointsAtResolved(path) {
 		return false
 	}
 	return runResolvectl("--no-pager", "status", link) == nil
 }
 
-// pointsAtResolved reports whether the resolv.conf at path is
+// PointsAtResolved reports whether the resolv.conf at path is
 // systemd-resolved's: a link into /run/systemd/resolve/, or a file whose
 // nameservers are all resolved's stub addresses.
-func pointsAtResolved(path string) bool {
+func PointsAtResolved(path string) bool {
 	if target, err := os.Readlink(path); err == nil {
 		if !filepath.IsAbs(target) {
 			target = filepath.Join(filepath.Dir(path), target) // ../run/systemd/resolve/stub-resolv.conf

@@ -1,6 +1,6 @@
 //go:build !linux
 
-package sysroute
+package loopguard
 
 import "log/slog"
 

@@ -1,4 +1,4 @@
-package sysroute
+package loopguard
 
 import (
 	"context"

@@ -1,6 +1,8 @@
-package sysroute
+package loopguard
 
 import (
+	"bytes"
+	"log/slog"
 	"net/netip"
 	"strings"
 	"sync"
@@ -8,6 +10,29 @@ import (
 	"testing"
 	"time"
 )
+
+// logBuffer collects log lines for assertions.
+type logBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (l *logBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.Write(p)
+}
+
+func (l *logBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.String()
+}
+
+func testLogger(t *testing.T) (*slog.Logger, *logBuffer) {
+	var lb logBuffer
+	return slog.New(slog.NewTextHandler(&lb, &slog.HandlerOptions{Level: slog.LevelDebug})), &lb
+}
 
 type fakeSockets struct {
 	calls atomic.Int32

@@ -1,4 +1,4 @@
-package sysroute
+package sysdns
 
 import (
 	"bytes"
@@ -174,7 +174,7 @@ func TestSystemDNSAbsentFile(t *testing.T) {
 
 // kill drops s as a killed tungate would: the journal's lock goes with the
 // process, nothing is restored.
-func kill(s *SystemDNS) { s.j.close() }
+func kill(s *SystemDNS) { s.j.Close() }
 
 func TestSystemDNSCrashRecovery(t *testing.T) {
 	for _, next := range []string{"restart", "restore"} {
