@@ -3,7 +3,7 @@
 // tungate (the TUN, links and addresses, every ip rule, tungate's table
 // and the main table's default routes, the sysctls that matter, the
 // nftables tables, the resolver file, the journals), and Diagnose checks
-// it against a configuration (DoctorConfig), returning each check as a Finding:
+// it against a configuration (Config), returning each check as a Finding:
 // ok, or a problem with its fix in words.
 //
 // It reads the routing through sysroute and the resolver through sysdns

@@ -16,12 +16,12 @@ import (
 // returns each check as ok or a problem with its fix in words. Diagnose is
 // pure, so that every check is tested with made-up states.
 
-// ErrDoctorUnsupported is returned by Inspect on an OS where it is not built
+// ErrUnsupported is returned by Inspect on an OS where it is not built
 // yet.
-var ErrDoctorUnsupported = errors.New("tungate doctor is not supported on this OS yet")
+var ErrUnsupported = errors.New("tungate doctor is not supported on this OS yet")
 
-// DoctorConfig is the configuration Diagnose checks the host against.
-type DoctorConfig struct {
+// Config is the configuration Diagnose checks the host against.
+type Config struct {
 	// Route is what auto-route installs (Route.Journal is route.journal).
 	Route sysroute.Config
 	// Auto is route.auto.
@@ -123,12 +123,12 @@ func (f Finding) String() string {
 
 // Bands returns the band of each family that c's auto-route uses (see
 // sysroute.Config.Bands).
-func (c *DoctorConfig) Bands() ([]sysroute.Band, error) { return c.Route.Bands() }
+func (c *Config) Bands() ([]sysroute.Band, error) { return c.Route.Bands() }
 
 // Diagnose checks s against c. It changes nothing.
-func Diagnose(c DoctorConfig, s *HostState) []Finding {
+func Diagnose(c Config, s *HostState) []Finding {
 	var out []Finding
-	for _, check := range []func(DoctorConfig, *HostState) []Finding{
+	for _, check := range []func(Config, *HostState) []Finding{
 		checkTun, checkBand, checkTable, checkRPFilter, checkForwarding,
 		checkDefaultRoute, checkOutboundInterfaces, checkNFT, checkDNS, checkJournals,
 	} {
@@ -152,14 +152,14 @@ func Problems(fs []Finding) int {
 	return n
 }
 
-func (c DoctorConfig) cmd(sub string) string {
+func (c Config) cmd(sub string) string {
 	if c.ConfigFlag == "" {
 		return "tungate " + sub
 	}
 	return "tungate " + sub + " " + c.ConfigFlag
 }
 
-func checkTun(c DoctorConfig, s *HostState) []Finding {
+func checkTun(c Config, s *HostState) []Finding {
 	name := s.Tun.Name
 	switch {
 	case !s.Tun.Exists:
@@ -188,7 +188,7 @@ func ipRuleDel(f int, text string) string {
 	return fmt.Sprintf("ip -%d rule del priority %s %s", f, strings.TrimSpace(prio), strings.TrimSpace(rest))
 }
 
-func checkBand(c DoctorConfig, s *HostState) []Finding {
+func checkBand(c Config, s *HostState) []Finding {
 	if !c.Auto {
 		return []Finding{{Check: "ip rules", Detail: "route.auto is off: tungate installs no rules, so its band is not checked"}}
 	}
@@ -234,7 +234,7 @@ func checkBand(c DoctorConfig, s *HostState) []Finding {
 	return out
 }
 
-func checkTable(c DoctorConfig, s *HostState) []Finding {
+func checkTable(c Config, s *HostState) []Finding {
 	if !c.Auto {
 		return nil
 	}
@@ -295,7 +295,7 @@ func selectsByOwner(r sysroute.Config) (string, bool) {
 	return "", false
 }
 
-func checkRPFilter(c DoctorConfig, s *HostState) []Finding {
+func checkRPFilter(c Config, s *HostState) []Finding {
 	const check = "rp_filter"
 	tun := s.Tun.Name
 	all, okAll := s.Sysctls["net.ipv4.conf.all.rp_filter"]
@@ -325,7 +325,7 @@ func checkRPFilter(c DoctorConfig, s *HostState) []Finding {
 	return []Finding{{Check: check, Detail: seen}}
 }
 
-func checkForwarding(c DoctorConfig, s *HostState) []Finding {
+func checkForwarding(c Config, s *HostState) []Finding {
 	var need4, need6 []string
 	for _, p := range c.SourceCIDRs {
 		local := slices.ContainsFunc(s.LocalAddrs, func(a netip.Addr) bool { return p.Contains(a.Unmap()) })
@@ -363,7 +363,7 @@ func checkForwarding(c DoctorConfig, s *HostState) []Finding {
 	return out
 }
 
-func checkDefaultRoute(c DoctorConfig, s *HostState) []Finding {
+func checkDefaultRoute(c Config, s *HostState) []Finding {
 	var out []Finding
 	var found []string
 	for _, rt := range s.Defaults {
@@ -389,7 +389,7 @@ func checkDefaultRoute(c DoctorConfig, s *HostState) []Finding {
 	return out
 }
 
-func checkOutboundInterfaces(c DoctorConfig, s *HostState) []Finding {
+func checkOutboundInterfaces(c Config, s *HostState) []Finding {
 	var out []Finding
 	for _, o := range c.Outbounds {
 		if o.Interface == "" {
@@ -422,7 +422,7 @@ func (n NFTState) TungateTables() []string {
 	return out
 }
 
-func checkNFT(c DoctorConfig, s *HostState) []Finding {
+func checkNFT(c Config, s *HostState) []Finding {
 	const check = "nftables"
 	if !s.NFT.Checked {
 		return []Finding{{Check: check, Detail: "not checked: " + s.NFT.Note}}
@@ -454,7 +454,7 @@ func addrsString(as []netip.Addr) string {
 	return strings.Join(s, ", ")
 }
 
-func checkDNS(c DoctorConfig, s *HostState) []Finding {
+func checkDNS(c Config, s *HostState) []Finding {
 	const check = "system DNS"
 	r := s.Resolv
 	if r.Err != "" {
@@ -487,7 +487,7 @@ func checkDNS(c DoctorConfig, s *HostState) []Finding {
 	return []Finding{{Check: check, Detail: seen + " (tungate answers only the queries that reach it: dns.hijack)"}}
 }
 
-func checkJournals(c DoctorConfig, s *HostState) []Finding {
+func checkJournals(c Config, s *HostState) []Finding {
 	if s.Tun.Exists {
 		return nil
 	}
@@ -499,7 +499,7 @@ func checkJournals(c DoctorConfig, s *HostState) []Finding {
 	}
 	if s.DNSJournal {
 		out = append(out, Finding{Check: "journal", Problem: true,
-			Detail: fmt.Sprintf("%s exists but tungate is not running: the system resolver a killed tungate changed is not restored", sysdns.SystemDNSJournal(c.Route.Journal)),
+			Detail: fmt.Sprintf("%s exists but tungate is not running: the system resolver a killed tungate changed is not restored", sysdns.JournalPath(c.Route.Journal)),
 			Fix:    fmt.Sprintf("start tungate again (%s), which restores it first, then stop it", c.cmd("run"))})
 	}
 	return out

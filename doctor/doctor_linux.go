@@ -29,7 +29,7 @@ const nftTimeout = 5 * time.Second
 // tungate's table, the main table's default routes, the sysctls that
 // matter, the nftables tables, the resolver file and the journals — in the
 // calling thread's network namespace. It changes nothing.
-func Inspect(c DoctorConfig) (*HostState, error) {
+func Inspect(c Config) (*HostState, error) {
 	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 	if err != nil {
 		return nil, fmt.Errorf("doctor: netlink: %w", err)
@@ -109,7 +109,7 @@ func Inspect(c DoctorConfig) (*HostState, error) {
 	if c.Route.Journal != "" {
 		_, err := os.Stat(c.Route.Journal)
 		s.RouteJournal = err == nil
-		_, err = os.Stat(sysdns.SystemDNSJournal(c.Route.Journal))
+		_, err = os.Stat(sysdns.JournalPath(c.Route.Journal))
 		s.DNSJournal = err == nil
 	}
 	return s, nil

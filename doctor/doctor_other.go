@@ -2,7 +2,7 @@
 
 package doctor
 
-// Inspect fails with ErrDoctorUnsupported: it is Linux-only for now.
-func Inspect(c DoctorConfig) (*HostState, error) {
-	return nil, ErrDoctorUnsupported
+// Inspect fails with ErrUnsupported: it is Linux-only for now.
+func Inspect(c Config) (*HostState, error) {
+	return nil, ErrUnsupported
 }

@@ -13,8 +13,8 @@ import (
 
 // Diagnose's checks with made-up host states: no root, nothing read.
 
-func doctorCfg() DoctorConfig {
-	return DoctorConfig{
+func doctorCfg() Config {
+	return Config{
 		Route: sysroute.Config{
 			TunName:  "tg0",
 			TunAddrs: []netip.Prefix{netip.MustParsePrefix("172.19.0.1/30"), netip.MustParsePrefix("fdfe:dcba:9876::1/126")},
@@ -31,7 +31,7 @@ func doctorCfg() DoctorConfig {
 }
 
 // healthyState is a host where tungate runs with c, as planned.
-func healthyState(t *testing.T, c DoctorConfig) *HostState {
+func healthyState(t *testing.T, c Config) *HostState {
 	t.Helper()
 	bands, err := c.Bands()
 	if err != nil {
@@ -70,7 +70,7 @@ func healthyState(t *testing.T, c DoctorConfig) *HostState {
 
 // problems returns the problem lines of Diagnose, and fails on a problem
 // without a fix.
-func problems(t *testing.T, c DoctorConfig, s *HostState) []string {
+func problems(t *testing.T, c Config, s *HostState) []string {
 	t.Helper()
 	var out []string
 	for _, f := range Diagnose(c, s) {

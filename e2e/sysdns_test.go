@@ -110,7 +110,7 @@ func TestSystemDNS(t *testing.T) {
 	cfg["dns"] = map[string]any{"enabled": true, "mode": "real", "listen": dnsListen, "hijack": []string{"any:53"}, "upstreams": []string{}}
 	routeKeys(cfg)["set_system_dns"] = true
 	path := writeYAML(t, cfg)
-	dnsJournal := sysdns.SystemDNSJournal(journalOf(cfg))
+	dnsJournal := sysdns.JournalPath(journalOf(cfg))
 
 	wantPointed := func(g *gateway, what string) {
 		t.Helper()

@@ -4,8 +4,8 @@ package loopguard
 
 import "log/slog"
 
-// NewLoopDetector returns a detector that never reports a loop: this OS
-// has no socket lookup for it yet.
-func NewLoopDetector(cfg LoopConfig, log *slog.Logger) (*LoopDetector, error) {
+// New returns a detector that never reports a loop: this OS has no socket
+// lookup for it yet.
+func New(cfg Config, log *slog.Logger) (*Detector, error) {
 	return newLoopDetector(cfg, log, nil, nil), nil
 }

@@ -3,7 +3,7 @@
 // at the next start or `tungate cleanup` after a crash: through
 // systemd-resolved when it manages the resolver, otherwise by rewriting
 // /etc/resolv.conf, with every change journaled before it is made (its own
-// journal beside route.journal, SystemDNSJournal). It also reads the
+// journal beside route.journal, JournalPath). It also reads the
 // nameservers a resolv.conf names (Nameservers) and whether it is
 // systemd-resolved's (PointsAtResolved).
 //

@@ -43,7 +43,7 @@ import (
 //     that someone else rewrote since (it is no longer tungate's) is left
 //     alone, with a warning.
 //
-// The journal is a file of its own beside route.journal (SystemDNSJournal),
+// The journal is a file of its own beside route.journal (JournalPath),
 // in the same JSON-lines form (begin, add with a "resolv" entry, abort),
 // written and fsync'd before each change and locked while tungate runs:
 // the resolver change outlives neither the routes' journal reset at start
@@ -52,37 +52,37 @@ import (
 // DefaultResolvConf is the system resolver's configuration file.
 const DefaultResolvConf = "/etc/resolv.conf"
 
-// ErrSystemDNSUnsupported is returned by SetSystemDNS on an OS where it is not built yet.
-var ErrSystemDNSUnsupported = errors.New("route.set_system_dns is not supported on this OS yet")
+// ErrUnsupported is returned by Set on an OS where it is not built yet.
+var ErrUnsupported = errors.New("route.set_system_dns is not supported on this OS yet")
 
-// ErrJournalBusy is returned by SetSystemDNS and RestoreSystemDNS when another live tungate
+// ErrJournalBusy is returned by Set and Restore when another live tungate
 // holds the journal (it is sysroute.ErrJournalBusy).
 var ErrJournalBusy = wal.ErrBusy
 
-// SystemDNSJournal returns the journal of the system resolver change for a
+// JournalPath returns the journal of the system resolver change for a
 // tungate whose route journal is routeJournal.
-func SystemDNSJournal(routeJournal string) string {
+func JournalPath(routeJournal string) string {
 	if routeJournal == "" {
 		return ""
 	}
 	return routeJournal + ".dns"
 }
 
-// SystemDNSConfig says where to point the system resolver.
-type SystemDNSConfig struct {
+// Config says where to point the system resolver.
+type Config struct {
 	// Server is the resolver address handed to the system (dns.listen).
 	Server netip.Addr
 	// Link is the TUN: systemd-resolved gets Server as this link's DNS
 	// server.
 	Link string
-	// Journal is the write-ahead record of the change (SystemDNSJournal).
+	// Journal is the write-ahead record of the change (JournalPath).
 	Journal string
 	// ResolvConf is the file to rewrite without systemd-resolved; ""
 	// means DefaultResolvConf.
 	ResolvConf string
 }
 
-func (c *SystemDNSConfig) path() string {
+func (c *Config) path() string {
 	if c.ResolvConf == "" {
 		return DefaultResolvConf
 	}
@@ -478,8 +478,8 @@ func (o dnsOps) undo(ch *resolvChange) error {
 
 // SystemDNS is the system resolver pointed at tungate. Close restores it.
 //
-// Lifecycle: SetSystemDNS → set → Close → restored (Close again: no-op,
-// same result).
+// Lifecycle: Set → set → Close → restored (Close again: no-op, same
+// result).
 type SystemDNS struct {
 	log *slog.Logger
 	ops dnsOps
@@ -500,8 +500,8 @@ func (s *SystemDNS) Way() string {
 	return s.ch.String()
 }
 
-// setSystemDNS is SetSystemDNS with given operations.
-func setSystemDNS(c SystemDNSConfig, ops dnsOps, log *slog.Logger) (*SystemDNS, error) {
+// setSystemDNS is Set with given operations.
+func setSystemDNS(c Config, ops dnsOps, log *slog.Logger) (*SystemDNS, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
@@ -627,7 +627,7 @@ func restoreLocked(j *wal.File, ops dnsOps, log *slog.Logger) (int, error) {
 	return n, nil
 }
 
-// restoreSystemDNS is RestoreSystemDNS with given operations.
+// restoreSystemDNS is Restore with given operations.
 func restoreSystemDNS(journalPath string, ops dnsOps, log *slog.Logger) (int, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)

@@ -18,27 +18,27 @@ import (
 // resolvectlTimeout bounds each resolvectl call.
 const resolvectlTimeout = 10 * time.Second
 
-// hostDNSOps is what SetSystemDNS does to this host.
+// hostDNSOps is what Set does to this host.
 var hostDNSOps = dnsOps{
 	fs:          hostFS,
 	resolved:    resolvedOps{run: runResolvectl, linkExists: linkExists},
 	useResolved: resolvedManages,
 }
 
-// SetSystemDNS points the system resolver at c.Server (see the top of
-// sysdns.go for how): first it restores what a killed earlier run left
-// changed (by c.Journal), then it journals the current resolver
-// configuration and changes it. On error nothing of it is left changed.
-// Close restores the original.
-func SetSystemDNS(c SystemDNSConfig, log *slog.Logger) (*SystemDNS, error) {
+// Set points the system resolver at c.Server (see the top of sysdns.go
+// for how): first it restores what a killed earlier run left changed (by
+// c.Journal), then it journals the current resolver configuration and
+// changes it. On error nothing of it is left changed. Close restores the
+// original.
+func Set(c Config, log *slog.Logger) (*SystemDNS, error) {
 	return setSystemDNS(c, hostDNSOps, log)
 }
 
-// RestoreSystemDNS restores the system resolver that a killed tungate
-// changed, by its journal (SystemDNSJournal), and removes the journal. It
-// returns how many changes it undid (0 without a journal). It fails with
-// ErrJournalBusy while that tungate still runs.
-func RestoreSystemDNS(journal string, log *slog.Logger) (int, error) {
+// Restore restores the system resolver that a killed tungate changed, by
+// its journal (JournalPath), and removes the journal. It returns how many
+// changes it undid (0 without a journal). It fails with ErrJournalBusy
+// while that tungate still runs.
+func Restore(journal string, log *slog.Logger) (int, error) {
 	return restoreSystemDNS(journal, hostDNSOps, log)
 }
 

@@ -4,17 +4,15 @@ package sysdns
 
 import "log/slog"
 
-// SetSystemDNS fails with ErrSystemDNSUnsupported: it is Linux-only for
-// now.
-func SetSystemDNS(c SystemDNSConfig, log *slog.Logger) (*SystemDNS, error) {
-	return nil, ErrSystemDNSUnsupported
+// Set fails with ErrUnsupported: it is Linux-only for now.
+func Set(c Config, log *slog.Logger) (*SystemDNS, error) {
+	return nil, ErrUnsupported
 }
 
-// RestoreSystemDNS does nothing on this OS: SetSystemDNS never changes
-// anything here.
-func RestoreSystemDNS(journal string, log *slog.Logger) (int, error) {
+// Restore does nothing on this OS: Set never changes anything here.
+func Restore(journal string, log *slog.Logger) (int, error) {
 	return 0, nil
 }
 
-// isMountPoint is not needed where SetSystemDNS is not built.
+// isMountPoint is not needed where Set is not built.
 func isMountPoint(path string) bool { return false }

@@ -14,7 +14,7 @@ import (
 )
 
 // These tests work on files in t.TempDir() only: the resolver file is
-// always SystemDNSConfig.ResolvConf, never the host's.
+// always Config.ResolvConf, never the host's.
 
 var testServer = netip.MustParseAddr("172.19.0.2")
 
@@ -29,9 +29,9 @@ func fileOps() dnsOps {
 	}
 }
 
-func dnsConfig(t *testing.T) SystemDNSConfig {
+func dnsConfig(t *testing.T) Config {
 	dir := t.TempDir()
-	return SystemDNSConfig{
+	return Config{
 		Server:     testServer,
 		Link:       "tg0",
 		Journal:    filepath.Join(dir, "state", "route.journal.dns"),

@@ -279,6 +279,14 @@ func (k *netlinkKernel) Rules(f family) ([]rule, error) {
 	return out, nil
 }
 
+// orDiscard returns log, or a logger that discards for nil.
+func orDiscard(log *slog.Logger) *slog.Logger {
+	if log == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	return log
+}
+
 // notFound turns the kernel's "no such object" answers into errNotFound.
 func notFound(err error) error {
 	if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ESRCH) {

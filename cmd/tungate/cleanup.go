@@ -26,7 +26,7 @@ func newCleanupCmd() *cobra.Command {
 				return err
 			}
 			log := newLogger(cfg.Log)
-			restored, err := sysdns.RestoreSystemDNS(sysdns.SystemDNSJournal(cfg.Route.Journal), log)
+			restored, err := sysdns.Restore(sysdns.JournalPath(cfg.Route.Journal), log)
 			if err != nil {
 				return err
 			}

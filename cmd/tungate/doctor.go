@@ -95,8 +95,8 @@ func parseExplain(s string) (explainQuery, error) {
 }
 
 // doctorConfig is what doctor checks the host against for cfg.
-func doctorConfig(cfg *configs.Config, path string) doctor.DoctorConfig {
-	dc := doctor.DoctorConfig{
+func doctorConfig(cfg *configs.Config, path string) doctor.Config {
+	dc := doctor.Config{
 		Route:        routeConfig(cfg, cfg.Tun.Name),
 		Auto:         cfg.Route.Auto,
 		SetSystemDNS: cfg.Route.SetSystemDNS,
@@ -209,7 +209,7 @@ func describeOutbound(o configs.Outbound) string {
 	return o.Type
 }
 
-func printState(w io.Writer, cfg *configs.Config, dc doctor.DoctorConfig, st *doctor.HostState) {
+func printState(w io.Writer, cfg *configs.Config, dc doctor.Config, st *doctor.HostState) {
 	bands, _ := dc.Bands()
 	var spans []string
 	for _, b := range bands {

@@ -74,7 +74,7 @@ func routeConfig(cfg *configs.Config, tunName string) sysroute.Config {
 // tungate's table and rules (see sysroute).
 //
 // With route.set_system_dns it then points the system resolver at
-// dns.listen (see sysdns.SetSystemDNS).
+// dns.listen (see sysdns.Set).
 func (g *gateway) installRoutes(cfg *configs.Config) error {
 	if g.routes == nil {
 		g.routes = &systemState{}
@@ -118,11 +118,11 @@ func (g *gateway) installAutoRoute(cfg *configs.Config) error {
 }
 
 // systemDNSConfig is the sysdns configuration of route.set_system_dns.
-func systemDNSConfig(cfg *configs.Config, tunName string) sysdns.SystemDNSConfig {
-	return sysdns.SystemDNSConfig{
+func systemDNSConfig(cfg *configs.Config, tunName string) sysdns.Config {
+	return sysdns.Config{
 		Server:  cfg.DNS.Listen,
 		Link:    tunName,
-		Journal: sysdns.SystemDNSJournal(cfg.Route.Journal),
+		Journal: sysdns.JournalPath(cfg.Route.Journal),
 	}
 }
 
@@ -137,7 +137,7 @@ func (g *gateway) setSystemDNS(cfg *configs.Config) error {
 		return errors.New("route.set_system_dns needs route.journal: the original resolver is journaled beside it before it is changed")
 	}
 	dc := systemDNSConfig(cfg, g.dev.Name())
-	d, err := sysdns.SetSystemDNS(dc, g.log.With("component", "sysdns"))
+	d, err := sysdns.Set(dc, g.log.With("component", "sysdns"))
 	if err != nil {
 		return err
 	}
@@ -152,7 +152,7 @@ func (g *gateway) setSystemDNS(cfg *configs.Config) error {
 // system resolvers: the default dns.upstreams are read from
 // /etc/resolv.conf, which would otherwise name tungate itself.
 func recoverSystemDNS(cfg *configs.Config, log *slog.Logger) error {
-	n, err := sysdns.RestoreSystemDNS(sysdns.SystemDNSJournal(cfg.Route.Journal), log.With("component", "sysdns"))
+	n, err := sysdns.Restore(sysdns.JournalPath(cfg.Route.Journal), log.With("component", "sysdns"))
 	if err != nil {
 		return err
 	}
@@ -199,12 +199,12 @@ func (g *gateway) removeRoutes() {
 func (g *gateway) loopGuard(cfg *configs.Config, route forwarder.Route) forwarder.Route {
 	log := g.log.With("component", "loop")
 	marks, unmarked := ownMarks(cfg)
-	lc := loopguard.LoopConfig{Marks: marks, Unmarked: unmarked, Priority: cfg.Route.Priority, Tun: cfg.Tun.Name}
+	lc := loopguard.Config{Marks: marks, Unmarked: unmarked, Priority: cfg.Route.Priority, Tun: cfg.Tun.Name}
 	if cfg.Route.Auto {
 		lc.Excluded = marks // sysroute excludes exactly these
 	}
 	// The detector lives as long as the process (two netlink sockets).
-	det, err := loopguard.NewLoopDetector(lc, log)
+	det, err := loopguard.New(lc, log)
 	if err != nil {
 		log.Warn("loop detection is off", "err", err)
 		return route
