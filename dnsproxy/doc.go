@@ -9,5 +9,5 @@
 // netstack and cmd wiring do), does not pick the outbound that carries
 // upstream traffic (it is handed one), does not match rules on the names it
 // learns (router does, asking Domain), and never touches the system
-// resolver configuration (sysroute does).
+// resolver configuration (sysdns does).
 package dnsproxy

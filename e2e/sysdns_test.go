@@ -15,7 +15,7 @@ import (
 	"time"
 
 	"github.com/tungate/tungate/internal/netlab"
-	"github.com/tungate/tungate/sysroute"
+	"github.com/tungate/tungate/sysdns"
 )
 
 // System DNS tests (route.set_system_dns). tungate rewrites
@@ -110,7 +110,7 @@ func TestSystemDNS(t *testing.T) {
 	cfg["dns"] = map[string]any{"enabled": true, "mode": "real", "listen": dnsListen, "hijack": []string{"any:53"}, "upstreams": []string{}}
 	routeKeys(cfg)["set_system_dns"] = true
 	path := writeYAML(t, cfg)
-	dnsJournal := sysroute.SystemDNSJournal(journalOf(cfg))
+	dnsJournal := sysdns.JournalPath(journalOf(cfg))
 
 	wantPointed := func(g *gateway, what string) {
 		t.Helper()
@@ -118,7 +118,7 @@ func TestSystemDNS(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		ns := sysroute.Nameservers(got)
+		ns := sysdns.Nameservers(got)
 		if len(ns) != 1 || ns[0].String() != dnsListen {
 			t.Fatalf("%s: the resolver file names %v, want only dns.listen %s:\n%s", what, ns, dnsListen, got)
 		}

@@ -3,9 +3,9 @@ package gateway
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"net/netip"
 	"strconv"
-	"log/slog"
 	"strings"
 	"sync/atomic"
 

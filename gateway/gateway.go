@@ -18,10 +18,10 @@ import (
 	"github.com/tungate/tungate/configs"
 	"github.com/tungate/tungate/dnsproxy"
 	"github.com/tungate/tungate/forwarder"
+	"github.com/tungate/tungate/loopguard"
 	"github.com/tungate/tungate/netmon"
 	"github.com/tungate/tungate/netstack"
 	"github.com/tungate/tungate/outbound"
-	"github.com/tungate/tungate/sysroute"
 	"github.com/tungate/tungate/tun"
 )
 
@@ -61,7 +61,7 @@ type Gateway struct {
 
 	tracker  *forwarder.Tracker
 	mon      *netmon.Monitor
-	loop     *sysroute.LoopDetector
+	loop     *loopguard.Detector
 	resolver lateResolver
 	dnsOut   swappableDialer
 	dns      *dnsproxy.Proxy
@@ -259,14 +259,14 @@ func (g *Gateway) startMonitor(cfg *configs.Config) *netmon.Monitor {
 // until the dial timeout. Every upstream socket reports itself (Dialing),
 // so the kernel is asked only about flows to a destination being dialled
 // at that moment: no system call for the others.
-func (g *Gateway) startLoopGuard(cfg *configs.Config) *sysroute.LoopDetector {
+func (g *Gateway) startLoopGuard(cfg *configs.Config) *loopguard.Detector {
 	log := g.log.With("component", "loop")
 	marks, unmarked := OwnMarks(cfg)
-	lc := sysroute.LoopConfig{Marks: marks, Unmarked: unmarked, Tracked: true, Priority: cfg.Route.Priority, Tun: cfg.Tun.Name}
+	lc := loopguard.Config{Marks: marks, Unmarked: unmarked, Tracked: true, Priority: cfg.Route.Priority, Tun: cfg.Tun.Name}
 	if cfg.Route.Auto {
 		lc.Excluded = marks // sysroute excludes exactly these
 	}
-	det, err := sysroute.NewLoopDetector(lc, log)
+	det, err := loopguard.New(lc, log)
 	if err != nil {
 		log.Warn("loop detection is off", "err", err)
 		return nil

@@ -7,7 +7,9 @@ import (
 	"strings"
 
 	"github.com/tungate/tungate/configs"
+	"github.com/tungate/tungate/doctor"
 	"github.com/tungate/tungate/outbound"
+	"github.com/tungate/tungate/sysdns"
 	"github.com/tungate/tungate/sysroute"
 )
 
@@ -15,7 +17,7 @@ import (
 // (route.auto) and the system resolver (route.set_system_dns).
 type systemState struct {
 	routes *sysroute.Routes
-	dns    *sysroute.SystemDNS
+	dns    *sysdns.SystemDNS
 }
 
 // RouteConfig is the sysroute configuration for cfg and the TUN tunName.
@@ -43,7 +45,7 @@ func RouteConfig(cfg *configs.Config, tunName string) sysroute.Config {
 // tungate's table and rules (see sysroute).
 //
 // With route.set_system_dns it then points the system resolver at
-// dns.listen (see sysroute.SetSystemDNS).
+// dns.listen (see sysdns.Set).
 func (g *Gateway) installRoutes(cfg *configs.Config) error {
 	if cfg.Route.Auto {
 		if err := g.installAutoRoute(cfg); err != nil {
@@ -84,11 +86,11 @@ func (g *Gateway) installAutoRoute(cfg *configs.Config) error {
 }
 
 // systemDNSConfig is the sysroute configuration of route.set_system_dns.
-func systemDNSConfig(cfg *configs.Config, tunName string) sysroute.SystemDNSConfig {
-	return sysroute.SystemDNSConfig{
+func systemDNSConfig(cfg *configs.Config, tunName string) sysdns.Config {
+	return sysdns.Config{
 		Server:  cfg.DNS.Listen,
 		Link:    tunName,
-		Journal: sysroute.SystemDNSJournal(cfg.Route.Journal),
+		Journal: sysdns.JournalPath(cfg.Route.Journal),
 	}
 }
 
@@ -103,7 +105,7 @@ func (g *Gateway) setSystemDNS(cfg *configs.Config) error {
 		return errors.New("route.set_system_dns needs route.journal: the original resolver is journaled beside it before it is changed")
 	}
 	dc := systemDNSConfig(cfg, g.dev.Name())
-	d, err := sysroute.SetSystemDNS(dc, g.log.With("component", "sysdns"))
+	d, err := sysdns.Set(dc, g.log.With("component", "sysdns"))
 	if err != nil {
 		return err
 	}
@@ -118,7 +120,7 @@ func (g *Gateway) setSystemDNS(cfg *configs.Config) error {
 // system resolvers: the default dns.upstreams are read from
 // /etc/resolv.conf, which would otherwise name tungate itself.
 func recoverSystemDNS(cfg *configs.Config, log *slog.Logger) error {
-	n, err := sysroute.RestoreSystemDNS(sysroute.SystemDNSJournal(cfg.Route.Journal), log.With("component", "sysdns"))
+	n, err := sysdns.Restore(sysdns.JournalPath(cfg.Route.Journal), log.With("component", "sysdns"))
 	if err != nil {
 		return err
 	}
@@ -149,14 +151,13 @@ func (g *Gateway) removeRoutes() {
 	g.log.Info("auto-route removed")
 }
 
-
 // Cleanup is what every start does first, by hand: it restores the system
 // resolver and removes the routes, rules and nft table a killed tungate
 // left behind, by its journals and by tungate's tag in its band and
 // table. It returns how many routing objects it removed and how many
 // resolver settings it restored.
 func Cleanup(cfg *configs.Config, log *slog.Logger) (removed, restored int, err error) {
-	restored, err = sysroute.RestoreSystemDNS(sysroute.SystemDNSJournal(cfg.Route.Journal), log)
+	restored, err = sysdns.Restore(sysdns.JournalPath(cfg.Route.Journal), log)
 	if err != nil {
 		return 0, 0, err
 	}
@@ -166,8 +167,8 @@ func Cleanup(cfg *configs.Config, log *slog.Logger) (removed, restored int, err 
 
 // DoctorConfig is what doctor checks the host against for cfg; path is
 // the configuration file ("" for the embedded default).
-func DoctorConfig(cfg *configs.Config, path string) sysroute.DoctorConfig {
-	dc := sysroute.DoctorConfig{
+func DoctorConfig(cfg *configs.Config, path string) doctor.Config {
+	dc := doctor.Config{
 		Route:        RouteConfig(cfg, cfg.Tun.Name),
 		Auto:         cfg.Route.Auto,
 		SetSystemDNS: cfg.Route.SetSystemDNS,
@@ -179,7 +180,7 @@ func DoctorConfig(cfg *configs.Config, path string) sysroute.DoctorConfig {
 	}
 	for i, o := range cfg.Outbounds {
 		if so, ok := o.Settings.(outbound.SocketOwner); ok && so.Socket().Interface != "" {
-			dc.Outbounds = append(dc.Outbounds, sysroute.OutboundInterface{Key: fmt.Sprintf("outbounds[%d] (%s)", i, o.Name), Interface: so.Socket().Interface})
+			dc.Outbounds = append(dc.Outbounds, doctor.OutboundInterface{Key: fmt.Sprintf("outbounds[%d] (%s)", i, o.Name), Interface: so.Socket().Interface})
 		}
 	}
 	for _, r := range cfg.Rules {

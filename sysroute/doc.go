@@ -10,12 +10,16 @@
 // table's name "tungateTABLE") so that cleaning up never touches anyone
 // else's state.
 //
-// It also recognises routing loops: flows that tungate's own outbound
-// sockets sent back into the TUN (LoopDetector).
+// It also reads the kernel's routing without changing it: the rules and a
+// table's routes as `ip rule` and `ip route` show them (DumpRules,
+// ListRoutes) and how a packet would be routed (RouteLookup), for
+// `tungate doctor`.
 //
 // It does not open the TUN (package tun), choose outbounds (router) or
-// relay anything (forwarder). Following the default interface and macOS
-// routes are later steps.
+// relay anything (forwarder); it does not touch the system resolver
+// (sysdns), recognise routing loops (loopguard) or judge the host's state
+// (doctor). Following the default interface and macOS routes are later
+// steps.
 //
 // # Routes and rules
 //

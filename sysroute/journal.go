@@ -3,12 +3,9 @@ package sysroute
 import (
 	"bytes"
 	"encoding/json"
-	"errors"
 	"fmt"
-	"os"
-	"path/filepath"
 
-	"golang.org/x/sys/unix"
+	"github.com/tungate/tungate/internal/wal"
 )
 
 // The journal is a file of JSON lines, one record per line, each written
@@ -56,107 +53,30 @@ type record struct {
 }
 
 // ErrJournalBusy is returned when another live tungate holds the journal.
-var ErrJournalBusy = errors.New("route.journal is held by a running tungate (stop it first, or give each tungate its own route.journal, route.table and route.priority)")
+var ErrJournalBusy = wal.ErrBusy
 
 // journal is an open, locked journal file.
-type journal struct {
-	path string
-	f    *os.File
-	seq  int
-}
+type journal struct{ *wal.File }
 
 // openJournal opens (creating if needed) and locks the journal at path.
 func openJournal(path string) (*journal, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return nil, fmt.Errorf("route.journal: %w", err)
-	}
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	f, err := wal.Open(path, "route.journal")
 	if err != nil {
-		return nil, fmt.Errorf("route.journal: %w", err)
-	}
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		f.Close()
-		if errors.Is(err, unix.EWOULDBLOCK) {
-			return nil, fmt.Errorf("%s: %w", path, ErrJournalBusy)
-		}
-		return nil, fmt.Errorf("route.journal %s: lock: %w", path, err)
-	}
-	return &journal{path: path, f: f}, nil
-}
-
-// read returns the whole journal as written so far.
-func (j *journal) read() ([]byte, error) {
-	if _, err := j.f.Seek(0, 0); err != nil {
 		return nil, err
 	}
-	var buf bytes.Buffer
-	_, err := buf.ReadFrom(j.f)
-	return buf.Bytes(), err
-}
-
-// reset empties the journal for a new run.
-func (j *journal) reset() error {
-	if err := j.f.Truncate(0); err != nil {
-		return fmt.Errorf("route.journal %s: %w", j.path, err)
-	}
-	if _, err := j.f.Seek(0, 0); err != nil {
-		return fmt.Errorf("route.journal %s: %w", j.path, err)
-	}
-	j.seq = 0
-	return j.sync()
-}
-
-// append writes rec as one line and makes it durable before returning.
-func (j *journal) append(rec record) error {
-	b, err := json.Marshal(rec)
-	if err != nil {
-		return err
-	}
-	b = append(b, '\n')
-	if _, err := j.f.Write(b); err != nil {
-		return fmt.Errorf("route.journal %s: %w", j.path, err)
-	}
-	return j.sync()
-}
-
-func (j *journal) sync() error {
-	if err := j.f.Sync(); err != nil {
-		return fmt.Errorf("route.journal %s: fsync: %w", j.path, err)
-	}
-	return nil
+	return &journal{f}, nil
 }
 
 // add records that e (a route, rule or nftables table) is about to be
 // added and returns the record's sequence number, for abort.
 func (j *journal) add(e journalEntry) (int, error) {
-	j.seq++
-	return j.seq, j.append(record{Op: opAdd, Seq: j.seq, Route: e.Route, Rule: e.Rule, NFTable: e.NFTable})
+	seq := j.NextSeq()
+	return seq, j.Append(record{Op: opAdd, Seq: seq, Route: e.Route, Rule: e.Rule, NFTable: e.NFTable})
 }
 
 // abort records that the add with sequence seq failed.
 func (j *journal) abort(seq int) error {
-	return j.append(record{Op: opAbort, Seq: seq})
-}
-
-// remove deletes the journal file and releases it.
-func (j *journal) remove() error {
-	err := os.Remove(j.path)
-	if errors.Is(err, os.ErrNotExist) {
-		err = nil
-	}
-	j.close()
-	if err != nil {
-		return fmt.Errorf("route.journal: %w", err)
-	}
-	return nil
-}
-
-// close releases the journal (and its lock) without removing it.
-func (j *journal) close() {
-	if j.f != nil {
-		j.f.Close()
-		j.f = nil
-	}
+	return j.Append(record{Op: opAbort, Seq: seq})
 }
 
 // journalEntry is one added object to undo: exactly one of the fields is

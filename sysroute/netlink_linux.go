@@ -155,7 +155,7 @@ func (k *netlinkKernel) Routes(f family, table int) ([]route, error) {
 	for _, nr := range list {
 		r := route{Family: f, Table: nr.Table, To: defaultPrefix(f), Proto: uint8(nr.Protocol), Type: rtDev}
 		if nr.Dst != nil {
-			if p, ok := prefixOf(nr.Dst); ok {
+			if p, ok := PrefixOf(nr.Dst); ok {
 				r.To = p
 			}
 		}
@@ -174,7 +174,9 @@ func (k *netlinkKernel) Routes(f family, table int) ([]route, error) {
 	return out, nil
 }
 
-func prefixOf(n *net.IPNet) (netip.Prefix, bool) {
+// PrefixOf converts a netlink address or route destination to a prefix
+// (an IPv4 one as IPv4, not IPv4-mapped).
+func PrefixOf(n *net.IPNet) (netip.Prefix, bool) {
 	a, ok := netip.AddrFromSlice(n.IP)
 	if !ok {
 		return netip.Prefix{}, false
@@ -268,13 +270,21 @@ func (k *netlinkKernel) Rules(f family) ([]rule, error) {
 			r.DPort = nr.Dport.Start
 		}
 		if nr.Dst != nil {
-			if p, ok := prefixOf(nr.Dst); ok {
+			if p, ok := PrefixOf(nr.Dst); ok {
 				r.To = p
 			}
 		}
 		out = append(out, r)
 	}
 	return out, nil
+}
+
+// orDiscard returns log, or a logger that discards for nil.
+func orDiscard(log *slog.Logger) *slog.Logger {
+	if log == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	return log
 }
 
 // notFound turns the kernel's "no such object" answers into errNotFound.

@@ -373,3 +373,61 @@ func sweepBand(c Config) (first, last int) {
 	n := max(len(familyBand(c, 4)), len(familyBand(c, 6)))
 	return c.Priority, min(c.Priority+n-1, lastPriority)
 }
+
+// Band is tungate's rule band of one family for a configuration.
+type Band struct {
+	Family      int
+	First, Last int
+	// Rules is how many rules tungate installs there (0 when the
+	// configuration cannot be planned; then First-Last is the widest band
+	// any configuration with this route.priority could use).
+	Rules int
+}
+
+// Bands returns the band of each family that c's auto-route uses (both
+// families, the widest possible, when the plan fails), and the plan's
+// error.
+func (c *Config) Bands() ([]Band, error) {
+	_, rules, err := plan(*c)
+	if err != nil || len(rules) == 0 {
+		first, last := sweepBand(*c)
+		return []Band{{Family: 4, First: first, Last: last}, {Family: 6, First: first, Last: last}}, err
+	}
+	var out []Band
+	for _, f := range []family{4, 6} {
+		b := Band{Family: int(f), First: -1}
+		for _, ru := range rules {
+			if ru.Family != f {
+				continue
+			}
+			if b.First < 0 || ru.Priority < b.First {
+				b.First = ru.Priority
+			}
+			b.Last = max(b.Last, ru.Priority)
+			b.Rules++
+		}
+		if b.Rules > 0 {
+			out = append(out, b)
+		}
+	}
+	return out, nil
+}
+
+// PlannedRoutes returns the routes c's auto-route puts in its table, as
+// ListRoutes reports them (without Text): a route into the TUN is
+// "unicast", route.strict's block "unreachable".
+func (c *Config) PlannedRoutes() []HostRoute {
+	routes, _, err := plan(*c)
+	if err != nil {
+		return nil
+	}
+	out := make([]HostRoute, len(routes))
+	for i, r := range routes {
+		typ := "unicast"
+		if r.Type == rtUnreachable {
+			typ = "unreachable"
+		}
+		out[i] = HostRoute{Family: int(r.Family), Table: r.Table, Dst: r.To, Type: typ, Dev: r.Dev, Proto: ProtoTungate}
+	}
+	return out
+}

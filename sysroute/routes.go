@@ -98,7 +98,7 @@ func install(c Config, k kernel, log *slog.Logger) (*Routes, error) {
 		return nil, err
 	}
 	if _, err := cleanLocked(c, k, j, log); err != nil {
-		j.close()
+		j.Close()
 		return nil, err
 	}
 	first, last := c.Priority, c.Priority
@@ -106,11 +106,11 @@ func install(c Config, k kernel, log *slog.Logger) (*Routes, error) {
 		last = max(last, ru.Priority)
 	}
 	if err := checkConflicts(c, k, rules, first, last); err != nil {
-		j.remove()
+		j.Remove()
 		return nil, err
 	}
 	r := &Routes{log: log, k: k, j: j, first: first, last: last}
-	err = j.append(record{Op: opBegin, PID: os.Getpid(), NetNS: k.NetNS(), Table: c.Table, First: first, Last: last})
+	err = j.Append(record{Op: opBegin, PID: os.Getpid(), NetNS: k.NetNS(), Table: c.Table, First: first, Last: last})
 	if err == nil && table != nil {
 		// Before the rules: marks that no rule looks at yet change
 		// nothing, and every exception is in place before the catch-all.
@@ -200,12 +200,12 @@ func (r *Routes) Close() error {
 	r.closed = true
 	errs := undo(r.k, r.added, r.log)
 	if len(errs) == 0 {
-		if err := r.j.remove(); err != nil {
+		if err := r.j.Remove(); err != nil {
 			errs = append(errs, err)
 		}
 	} else {
-		r.j.close()
-		errs = append(errs, fmt.Errorf("the journal %s keeps what is left: `tungate cleanup` removes it", r.j.path))
+		r.j.Close()
+		errs = append(errs, fmt.Errorf("the journal %s keeps what is left: `tungate cleanup` removes it", r.j.Path()))
 	}
 	r.k.Close()
 	r.err = errors.Join(errs...)
@@ -248,13 +248,13 @@ func delEntry(k kernel, e journalEntry) error {
 // the nftables table named after it.
 // It empties the journal and returns how many objects it removed.
 func cleanLocked(c Config, k kernel, j *journal, log *slog.Logger) (int, error) {
-	data, err := j.read()
+	data, err := j.Read()
 	if err != nil {
-		return 0, fmt.Errorf("route.journal %s: %w", j.path, err)
+		return 0, fmt.Errorf("route.journal %s: %w", j.Path(), err)
 	}
 	pj := parseJournal(data)
 	for _, p := range pj.Problems {
-		log.Warn("auto-route: skipping a damaged journal line", "journal", j.path, "problem", p)
+		log.Warn("auto-route: skipping a damaged journal line", "journal", j.Path(), "problem", p)
 	}
 	removed := 0
 	entries := pj.Entries
@@ -262,7 +262,7 @@ func cleanLocked(c Config, k kernel, j *journal, log *slog.Logger) (int, error) 
 		// Another namespace's state: not ours to touch from here (and
 		// gone with the namespace if that was deleted).
 		log.Warn("auto-route: the journal was written in another network namespace; leaving its entries alone",
-			"journal", j.path, "journal_netns", pj.Begin.NetNS, "netns", k.NetNS(), "entries", len(entries))
+			"journal", j.Path(), "journal_netns", pj.Begin.NetNS, "netns", k.NetNS(), "entries", len(entries))
 		entries = nil
 	}
 	entries = slices.DeleteFunc(entries, func(e journalEntry) bool {
@@ -292,7 +292,7 @@ func cleanLocked(c Config, k kernel, j *journal, log *slog.Logger) (int, error) 
 	if len(errs) > 0 {
 		return removed, fmt.Errorf("auto-route: cleaning up after an earlier run: %w", errors.Join(errs...))
 	}
-	return removed, j.reset()
+	return removed, j.Reset()
 }
 
 // ownedEntry checks that a journal entry is within the band and table its
@@ -419,8 +419,8 @@ func cleanup(c Config, k kernel, log *slog.Logger) (int, error) {
 	}
 	n, err := cleanLocked(c, k, j, log)
 	if err != nil {
-		j.close()
+		j.Close()
 		return n, err
 	}
-	return n, j.remove()
+	return n, j.Remove()
 }

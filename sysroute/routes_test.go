@@ -301,7 +301,7 @@ func testInstallFailureLeavesNothing(t *testing.T, adds int, config func(*testin
 }
 
 // crash simulates SIGKILL: the process's files close, nothing is undone.
-func crash(r *Routes) { r.j.close() }
+func crash(r *Routes) { r.j.Close() }
 
 func TestLeftoversRemovedAtNextInstall(t *testing.T) {
 	c := journalConfig(t)
@@ -442,7 +442,7 @@ func TestReplay(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer j.close()
+	defer j.Close()
 	log, logs := testLogger(t)
 	// Keep the sweep (by tag, in the configured band) out of the way so
 	// that only the journal removes.
@@ -541,7 +541,7 @@ func TestReplayLeavesForeignEntriesAlone(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			defer j.close()
+			defer j.Close()
 			c2 := c
 			c2.Priority = 20000 // keep the sweep away
 			log, _ := testLogger(t)

@@ -11,6 +11,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/tungate/tungate/configs"
+	"github.com/tungate/tungate/doctor"
 	"github.com/tungate/tungate/gateway"
 	"github.com/tungate/tungate/sysroute"
 )
@@ -56,7 +57,7 @@ it finds a problem. Run it where tungate runs (same network namespace).`,
 				u := uint32(uid)
 				uidp = &u
 			}
-			n, err := doctor(cmd.OutOrStdout(), cfg, path, queries, uidp)
+			n, err := runDoctor(cmd.OutOrStdout(), cfg, path, queries, uidp)
 			if err != nil {
 				return err
 			}
@@ -93,21 +94,21 @@ func parseExplain(s string) (explainQuery, error) {
 	return explainQuery{dst: netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port()), proto: proto}, nil
 }
 
-// doctor prints the report and returns how many problems it found.
-func doctor(w io.Writer, cfg *configs.Config, path string, queries []explainQuery, uid *uint32) (int, error) {
+// runDoctor prints the report and returns how many problems it found.
+func runDoctor(w io.Writer, cfg *configs.Config, path string, queries []explainQuery, uid *uint32) (int, error) {
 	printConfig(w, cfg, path)
 	dc := gateway.DoctorConfig(cfg, path)
-	st, err := sysroute.Inspect(dc)
+	st, err := doctor.Inspect(dc)
 	if err != nil {
 		return 0, err
 	}
 	printState(w, cfg, dc, st)
-	findings := sysroute.Diagnose(dc, st)
+	findings := doctor.Diagnose(dc, st)
 	fmt.Fprintln(w, "\nchecks")
 	for _, f := range findings {
 		fmt.Fprintln(w, "  "+f.String())
 	}
-	problems := sysroute.Problems(findings)
+	problems := doctor.Problems(findings)
 	for _, q := range queries {
 		problems += explainDestination(w, cfg, q, uid)
 	}
@@ -171,7 +172,7 @@ func onOff(b bool) string {
 	return "off"
 }
 
-func printState(w io.Writer, cfg *configs.Config, dc sysroute.DoctorConfig, st *sysroute.HostState) {
+func printState(w io.Writer, cfg *configs.Config, dc doctor.Config, st *doctor.HostState) {
 	bands, _ := dc.Bands()
 	var spans []string
 	for _, b := range bands {
@@ -325,7 +326,7 @@ func explainDestination(w io.Writer, cfg *configs.Config, q explainQuery, uid *u
 	res := sysroute.RouteLookup(uq)
 	fmt.Fprintf(w, "  kernel, %s (%s): %s\n", up.What, mark, res)
 	if res.Err == nil && res.Dev == tun {
-		f := sysroute.Finding{Check: "loop", Problem: true,
+		f := doctor.Finding{Check: "loop", Problem: true,
 			Detail: fmt.Sprintf("outbound %q's traffic to %s goes back into the TUN %s", d.Outbound, uq.Dst, tun),
 			Fix:    "give the outbound an fwmark that route.auto excludes (outbounds[].fwmark), or bind it to the physical interface (outbounds[].interface)"}
 		fmt.Fprintln(w, "  "+f.String())

@@ -21,4 +21,3 @@ func TestParseExplain(t *testing.T) {
 		}
 	}
 }
-

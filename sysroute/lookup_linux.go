@@ -2,122 +2,26 @@ package sysroute
 
 import (
 	"bytes"
-	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
 	"net/netip"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
 	"syscall"
-	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
 )
 
-// nftTimeout bounds `nft list tables`.
-const nftTimeout = 5 * time.Second
-
-// Inspect reads the host state that c concerns — the TUN, every ip rule,
-// tungate's table, the main table's default routes, the sysctls that
-// matter, the nftables tables, the resolver file and the journals — in the
-// calling thread's network namespace. It changes nothing.
-func Inspect(c DoctorConfig) (*HostState, error) {
-	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
-	if err != nil {
-		return nil, fmt.Errorf("doctor: netlink: %w", err)
-	}
-	defer h.Close()
-	if err := h.SetSocketTimeout(netlinkTimeout); err != nil {
-		return nil, fmt.Errorf("doctor: netlink: %w", err)
-	}
-	s := &HostState{Tun: TunState{Name: c.Route.TunName}, Sysctls: map[string]int{}}
-	names := map[int]string{}
-	tunIndex := 0
-	links, err := h.LinkList()
-	if err != nil {
-		s.Errors = append(s.Errors, fmt.Sprintf("links: %v", err))
-	}
-	for _, l := range links {
-		a := l.Attrs()
-		names[a.Index] = a.Name
-		s.Links = append(s.Links, a.Name)
-		if a.Name == s.Tun.Name {
-			s.Tun.Exists, s.Tun.Up, tunIndex = true, a.Flags&net.FlagUp != 0, a.Index
-		}
-	}
-	addrs, err := h.AddrList(nil, netlink.FAMILY_ALL)
-	if err != nil {
-		s.Errors = append(s.Errors, fmt.Sprintf("addresses: %v", err))
-	}
-	for _, a := range addrs {
-		p, ok := prefixOf(a.IPNet)
-		if !ok {
-			continue
-		}
-		s.LocalAddrs = append(s.LocalAddrs, p.Addr())
-		if a.LinkIndex == tunIndex && tunIndex != 0 {
-			s.Tun.Addrs = append(s.Tun.Addrs, p)
-		}
-	}
-	for _, f := range []family{4, 6} {
-		rules, err := dumpRules(f)
-		if err != nil {
-			s.Errors = append(s.Errors, fmt.Sprintf("%s rules: %v", f, err))
-		}
-		s.Rules = append(s.Rules, rules...)
-		table, err := listRoutes(h, f, c.Route.Table, names)
-		if err != nil {
-			s.Errors = append(s.Errors, fmt.Sprintf("%s routes of table %d: %v", f, c.Route.Table, err))
-		}
-		s.TableRoutes = append(s.TableRoutes, table...)
-		main, err := listRoutes(h, f, tableMain, names)
-		if err != nil {
-			s.Errors = append(s.Errors, fmt.Sprintf("%s routes of the main table: %v", f, err))
-		}
-		for _, rt := range main {
-			if rt.Dst.Bits() == 0 {
-				s.Defaults = append(s.Defaults, rt)
-			}
-		}
-	}
-	sysctls := map[string]string{
-		"net.ipv4.conf.all.rp_filter":     "/proc/sys/net/ipv4/conf/all/rp_filter",
-		"net.ipv4.conf.default.rp_filter": "/proc/sys/net/ipv4/conf/default/rp_filter",
-		"net.ipv4.ip_forward":             "/proc/sys/net/ipv4/ip_forward",
-		"net.ipv6.conf.all.forwarding":    "/proc/sys/net/ipv6/conf/all/forwarding",
-	}
-	if s.Tun.Exists {
-		sysctls["net.ipv4.conf."+s.Tun.Name+".rp_filter"] = filepath.Join("/proc/sys/net/ipv4/conf", s.Tun.Name, "rp_filter")
-	}
-	for key, path := range sysctls {
-		if b, err := os.ReadFile(path); err == nil {
-			if v, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil {
-				s.Sysctls[key] = v
-			}
-		}
-	}
-	s.NFT = listNFT()
-	s.Resolv = inspectResolv(DefaultResolvConf)
-	if c.Route.Journal != "" {
-		_, err := os.Stat(c.Route.Journal)
-		s.RouteJournal = err == nil
-		_, err = os.Stat(SystemDNSJournal(c.Route.Journal))
-		s.DNSJournal = err == nil
-	}
-	return s, nil
-}
-
-// dumpRules lists a family's ip rules with everything `ip rule` shows
-// (the netlink library leaves out a rule's action).
-func dumpRules(f family) ([]HostRule, error) {
+// DumpRules lists the ip rules of family fam (4 or 6) with everything `ip
+// rule` shows (the netlink library leaves out a rule's action), in the
+// calling thread's network namespace.
+func DumpRules(fam int) ([]HostRule, error) {
+	f := family(fam)
 	req := nl.NewNetlinkRequest(unix.RTM_GETRULE, unix.NLM_F_DUMP|unix.NLM_F_REQUEST)
 	req.AddData(nl.NewIfInfomsg(afOf(f)))
 	msgs, err := req.Execute(unix.NETLINK_ROUTE, unix.RTM_NEWRULE)
@@ -279,8 +183,10 @@ func routeTypeName(t int) string {
 	return "type-" + strconv.Itoa(t)
 }
 
-// listRoutes lists the routes of one family's table.
-func listRoutes(h *netlink.Handle, f family, table int, names map[int]string) ([]HostRoute, error) {
+// ListRoutes lists the routes of one table of family fam (4 or 6)
+// through h; names are the interfaces' names by index.
+func ListRoutes(h *netlink.Handle, fam, table int, names map[int]string) ([]HostRoute, error) {
+	f := family(fam)
 	list, err := h.RouteListFiltered(afOf(f), &netlink.Route{Table: table}, netlink.RT_FILTER_TABLE)
 	if err != nil {
 		return nil, err
@@ -289,7 +195,7 @@ func listRoutes(h *netlink.Handle, f family, table int, names map[int]string) ([
 	for _, nr := range list {
 		rt := HostRoute{Family: int(f), Table: nr.Table, Dst: defaultPrefix(f), Type: routeTypeName(nr.Type), Proto: uint8(nr.Protocol)}
 		if nr.Dst != nil {
-			if p, ok := prefixOf(nr.Dst); ok {
+			if p, ok := PrefixOf(nr.Dst); ok {
 				rt.Dst = p
 			}
 		}
@@ -302,7 +208,7 @@ func listRoutes(h *netlink.Handle, f family, table int, names map[int]string) ([
 		if rt.Type != "unicast" {
 			b.WriteString(rt.Type + " ")
 		}
-		b.WriteString(routeDst(rt))
+		b.WriteString(RouteDst(rt))
 		if gw != nil {
 			fmt.Fprintf(&b, " via %s", gw)
 		}
@@ -320,43 +226,6 @@ func listRoutes(h *netlink.Handle, f family, table int, names map[int]string) ([
 		out = append(out, rt)
 	}
 	return out, nil
-}
-
-// listNFT lists the nftables tables with the nft command.
-func listNFT() NFTState {
-	bin, err := exec.LookPath("nft")
-	if err != nil {
-		return NFTState{Note: "the nft command is not installed"}
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), nftTimeout)
-	defer cancel()
-	out, err := exec.CommandContext(ctx, bin, "list", "tables").CombinedOutput()
-	if err != nil {
-		return NFTState{Note: fmt.Sprintf("nft list tables: %v: %s", err, strings.TrimSpace(string(out)))}
-	}
-	st := NFTState{Checked: true}
-	for line := range strings.SplitSeq(string(out), "\n") {
-		if rest, ok := strings.CutPrefix(strings.TrimSpace(line), "table "); ok {
-			st.Tables = append(st.Tables, rest)
-		}
-	}
-	return st
-}
-
-func inspectResolv(path string) ResolvState {
-	r := ResolvState{Path: path}
-	if fi, err := os.Lstat(path); err == nil && fi.Mode()&os.ModeSymlink != 0 {
-		r.Symlink, _ = os.Readlink(path)
-	}
-	data, err := os.ReadFile(path)
-	if err != nil {
-		r.Err = err.Error()
-		return r
-	}
-	r.Nameservers = Nameservers(data)
-	r.ByTungate = bytes.Contains(data, []byte("Written by tungate"))
-	r.ByResolved = pointsAtResolved(path)
-	return r
 }
 
 // RouteLookup asks the kernel how it routes a packet (`ip route get`

@@ -1,4 +1,4 @@
-package sysroute
+package sysdns
 
 import (
 	"bufio"
@@ -18,27 +18,27 @@ import (
 // resolvectlTimeout bounds each resolvectl call.
 const resolvectlTimeout = 10 * time.Second
 
-// hostDNSOps is what SetSystemDNS does to this host.
+// hostDNSOps is what Set does to this host.
 var hostDNSOps = dnsOps{
 	fs:          hostFS,
 	resolved:    resolvedOps{run: runResolvectl, linkExists: linkExists},
 	useResolved: resolvedManages,
 }
 
-// SetSystemDNS points the system resolver at c.Server (see the top of
-// sysdns.go for how): first it restores what a killed earlier run left
-// changed (by c.Journal), then it journals the current resolver
-// configuration and changes it. On error nothing of it is left changed.
-// Close restores the original.
-func SetSystemDNS(c SystemDNSConfig, log *slog.Logger) (*SystemDNS, error) {
+// Set points the system resolver at c.Server (see the top of sysdns.go
+// for how): first it restores what a killed earlier run left changed (by
+// c.Journal), then it journals the current resolver configuration and
+// changes it. On error nothing of it is left changed. Close restores the
+// original.
+func Set(c Config, log *slog.Logger) (*SystemDNS, error) {
 	return setSystemDNS(c, hostDNSOps, log)
 }
 
-// RestoreSystemDNS restores the system resolver that a killed tungate
-// changed, by its journal (SystemDNSJournal), and removes the journal. It
-// returns how many changes it undid (0 without a journal). It fails with
-// ErrJournalBusy while that tungate still runs.
-func RestoreSystemDNS(journal string, log *slog.Logger) (int, error) {
+// Restore restores the system resolver that a killed tungate changed, by
+// its journal (JournalPath), and removes the journal. It returns how many
+// changes it undid (0 without a journal). It fails with ErrJournalBusy
+// while that tungate still runs.
+func Restore(journal string, log *slog.Logger) (int, error) {
 	return restoreSystemDNS(journal, hostDNSOps, log)
 }
 
@@ -71,21 +71,21 @@ func resolvedManages(path, link string) bool {
 	if _, err := exec.LookPath("resolvectl"); err != nil {
 		return false
 	}
-	self, err1 := nsIdentity("/proc/self/ns/net")
-	host, err2 := nsIdentity("/proc/1/ns/net")
-	if err1 != nil || err2 != nil || self != host {
+	self, err1 := os.Stat("/proc/self/ns/net")
+	host, err2 := os.Stat("/proc/1/ns/net")
+	if err1 != nil || err2 != nil || !os.SameFile(self, host) {
 		return false
 	}
-	if !pointsAtResolved(path) {
+	if !PointsAtResolved(path) {
 		return false
 	}
 	return runResolvectl("--no-pager", "status", link) == nil
 }
 
-// pointsAtResolved reports whether the resolv.conf at path is
+// PointsAtResolved reports whether the resolv.conf at path is
 // systemd-resolved's: a link into /run/systemd/resolve/, or a file whose
 // nameservers are all resolved's stub addresses.
-func pointsAtResolved(path string) bool {
+func PointsAtResolved(path string) bool {
 	if target, err := os.Readlink(path); err == nil {
 		if !filepath.IsAbs(target) {
 			target = filepath.Join(filepath.Dir(path), target) // ../run/systemd/resolve/stub-resolv.conf

@@ -1,4 +1,4 @@
-package sysroute
+package sysdns
 
 import (
 	"os"
@@ -36,8 +36,8 @@ func TestPointsAtResolved(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if got := pointsAtResolved(path); got != tc.want {
-			t.Errorf("%s: pointsAtResolved = %v, want %v", tc.name, got, tc.want)
+		if got := PointsAtResolved(path); got != tc.want {
+			t.Errorf("%s: PointsAtResolved = %v, want %v", tc.name, got, tc.want)
 		}
 	}
 }

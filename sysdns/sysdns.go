@@ -1,4 +1,4 @@
-package sysroute
+package sysdns
 
 import (
 	"bytes"
@@ -17,6 +17,8 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/tungate/tungate/internal/wal"
 )
 
 // System DNS (route.set_system_dns): while tungate runs, the system
@@ -41,7 +43,7 @@ import (
 //     that someone else rewrote since (it is no longer tungate's) is left
 //     alone, with a warning.
 //
-// The journal is a file of its own beside route.journal (SystemDNSJournal),
+// The journal is a file of its own beside route.journal (JournalPath),
 // in the same JSON-lines form (begin, add with a "resolv" entry, abort),
 // written and fsync'd before each change and locked while tungate runs:
 // the resolver change outlives neither the routes' journal reset at start
@@ -50,34 +52,37 @@ import (
 // DefaultResolvConf is the system resolver's configuration file.
 const DefaultResolvConf = "/etc/resolv.conf"
 
-// ErrSystemDNSUnsupported is returned by SetSystemDNS on an OS where it is
-// not built yet.
-var ErrSystemDNSUnsupported = errors.New("route.set_system_dns is not supported on this OS yet")
+// ErrUnsupported is returned by Set on an OS where it is not built yet.
+var ErrUnsupported = errors.New("route.set_system_dns is not supported on this OS yet")
 
-// SystemDNSJournal returns the journal of the system resolver change for a
+// ErrJournalBusy is returned by Set and Restore when another live tungate
+// holds the journal (it is sysroute.ErrJournalBusy).
+var ErrJournalBusy = wal.ErrBusy
+
+// JournalPath returns the journal of the system resolver change for a
 // tungate whose route journal is routeJournal.
-func SystemDNSJournal(routeJournal string) string {
+func JournalPath(routeJournal string) string {
 	if routeJournal == "" {
 		return ""
 	}
 	return routeJournal + ".dns"
 }
 
-// SystemDNSConfig says where to point the system resolver.
-type SystemDNSConfig struct {
+// Config says where to point the system resolver.
+type Config struct {
 	// Server is the resolver address handed to the system (dns.listen).
 	Server netip.Addr
 	// Link is the TUN: systemd-resolved gets Server as this link's DNS
 	// server.
 	Link string
-	// Journal is the write-ahead record of the change (SystemDNSJournal).
+	// Journal is the write-ahead record of the change (JournalPath).
 	Journal string
 	// ResolvConf is the file to rewrite without systemd-resolved; ""
 	// means DefaultResolvConf.
 	ResolvConf string
 }
 
-func (c *SystemDNSConfig) path() string {
+func (c *Config) path() string {
 	if c.ResolvConf == "" {
 		return DefaultResolvConf
 	}
@@ -128,6 +133,13 @@ func (c *resolvChange) String() string {
 	return "resolver change of kind " + c.Kind
 }
 
+// Journal operations, those of the route journal.
+const (
+	opBegin = "begin"
+	opAdd   = "add"
+	opAbort = "abort"
+)
+
 // dnsRecord is one line of the system DNS journal; the ops are those of
 // the route journal.
 type dnsRecord struct {
@@ -137,16 +149,10 @@ type dnsRecord struct {
 	Resolv *resolvChange `json:"resolv,omitempty"`
 }
 
-func (j *journal) appendDNS(rec dnsRecord) error {
-	b, err := json.Marshal(rec)
-	if err != nil {
-		return err
-	}
-	b = append(b, '\n')
-	if _, err := j.f.Write(b); err != nil {
-		return fmt.Errorf("system DNS journal %s: %w", j.path, err)
-	}
-	return j.sync()
+// openJournal opens (creating if needed) and locks the system DNS journal
+// at path.
+func openJournal(path string) (*wal.File, error) {
+	return wal.Open(path, "system DNS journal")
 }
 
 // parseDNSJournal returns the changes a system DNS journal lists as made
@@ -472,12 +478,12 @@ func (o dnsOps) undo(ch *resolvChange) error {
 
 // SystemDNS is the system resolver pointed at tungate. Close restores it.
 //
-// Lifecycle: SetSystemDNS → set → Close → restored (Close again: no-op,
-// same result).
+// Lifecycle: Set → set → Close → restored (Close again: no-op, same
+// result).
 type SystemDNS struct {
 	log *slog.Logger
 	ops dnsOps
-	j   *journal
+	j   *wal.File
 	ch  *resolvChange
 
 	mu     sync.Mutex
@@ -494,9 +500,11 @@ func (s *SystemDNS) Way() string {
 	return s.ch.String()
 }
 
-// setSystemDNS is SetSystemDNS with given operations.
-func setSystemDNS(c SystemDNSConfig, ops dnsOps, log *slog.Logger) (*SystemDNS, error) {
-	log = orDiscard(log)
+// setSystemDNS is Set with given operations.
+func setSystemDNS(c Config, ops dnsOps, log *slog.Logger) (*SystemDNS, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
 	if !c.Server.IsValid() {
 		return nil, errors.New("route.set_system_dns: dns.listen is not set")
 	}
@@ -508,11 +516,11 @@ func setSystemDNS(c SystemDNSConfig, ops dnsOps, log *slog.Logger) (*SystemDNS, 
 		return nil, fmt.Errorf("system DNS: %w", err)
 	}
 	if _, err := restoreLocked(j, ops, log); err != nil {
-		j.close()
+		j.Close()
 		return nil, err
 	}
-	if err := j.reset(); err != nil {
-		j.close()
+	if err := j.Reset(); err != nil {
+		j.Close()
 		return nil, err
 	}
 	path := c.path()
@@ -521,7 +529,7 @@ func setSystemDNS(c SystemDNSConfig, ops dnsOps, log *slog.Logger) (*SystemDNS, 
 		ch = &resolvChange{Kind: resolvResolved, Link: c.Link, Server: c.Server.String()}
 	} else {
 		if ch, err = snapshotResolv(path); err != nil {
-			j.remove()
+			j.Remove()
 			return nil, fmt.Errorf("system DNS: %w", err)
 		}
 		cur := ch.Original
@@ -531,13 +539,12 @@ func setSystemDNS(c SystemDNSConfig, ops dnsOps, log *slog.Logger) (*SystemDNS, 
 		ch.Written = resolvContent(c.Server, cur, c.Journal)
 	}
 	s := &SystemDNS{log: log, ops: ops, j: j, ch: ch}
-	err = j.appendDNS(dnsRecord{Op: opBegin, PID: os.Getpid()})
+	err = j.Append(dnsRecord{Op: opBegin, PID: os.Getpid()})
 	if err == nil {
-		j.seq++
-		err = j.appendDNS(dnsRecord{Op: opAdd, Seq: j.seq, Resolv: ch})
+		err = j.Append(dnsRecord{Op: opAdd, Seq: j.NextSeq(), Resolv: ch})
 	}
 	if err != nil {
-		j.remove()
+		j.Remove()
 		return nil, err
 	}
 	if ch.Kind == resolvResolved {
@@ -550,10 +557,10 @@ func setSystemDNS(c SystemDNSConfig, ops dnsOps, log *slog.Logger) (*SystemDNS, 
 		// Part of it may have been made (one resolvectl call, a torn
 		// write): undo now, keeping the journal if that fails too.
 		if uerr := ops.undo(ch); uerr != nil {
-			j.close()
+			j.Close()
 			return nil, errors.Join(err, fmt.Errorf("undo: %w; the journal %s keeps the original for the next start", uerr, c.Journal))
 		}
-		j.remove()
+		j.Remove()
 		return nil, err
 	}
 	log.Debug("system DNS set", "way", s.Way(), "server", c.Server)
@@ -574,15 +581,15 @@ func (s *SystemDNS) Close() error {
 	err := s.ops.undo(s.ch)
 	switch {
 	case err == nil:
-		s.err = s.j.remove()
+		s.err = s.j.Remove()
 	case errors.Is(err, errNotOurs):
 		// Someone (a DHCP client, NetworkManager, the user) wrote a
 		// newer configuration: theirs wins over the old original.
 		s.log.Warn("system DNS: not restoring the resolver: someone else changed it while tungate ran; leaving it as it is", "what", s.ch.String(), "err", err)
-		s.err = s.j.remove()
+		s.err = s.j.Remove()
 	default:
-		s.j.close()
-		s.err = fmt.Errorf("system DNS: restore %s: %w (the journal %s keeps the original for the next start)", s.ch, err, s.j.path)
+		s.j.Close()
+		s.err = fmt.Errorf("system DNS: restore %s: %w (the journal %s keeps the original for the next start)", s.ch, err, s.j.Path())
 	}
 	return s.err
 }
@@ -591,14 +598,14 @@ func (s *SystemDNS) Close() error {
 // journal lists (a killed run's); it returns how many it undid. A file
 // someone else has rewritten since is left alone (logged). It leaves the
 // journal's content in place; the caller resets or removes it.
-func restoreLocked(j *journal, ops dnsOps, log *slog.Logger) (int, error) {
-	data, err := j.read()
+func restoreLocked(j *wal.File, ops dnsOps, log *slog.Logger) (int, error) {
+	data, err := j.Read()
 	if err != nil {
-		return 0, fmt.Errorf("system DNS journal %s: %w", j.path, err)
+		return 0, fmt.Errorf("system DNS journal %s: %w", j.Path(), err)
 	}
 	changes, problems := parseDNSJournal(data)
 	for _, p := range problems {
-		log.Warn("system DNS: skipping a damaged journal line", "journal", j.path, "problem", p)
+		log.Warn("system DNS: skipping a damaged journal line", "journal", j.Path(), "problem", p)
 	}
 	n := 0
 	var errs []error
@@ -615,14 +622,16 @@ func restoreLocked(j *journal, ops dnsOps, log *slog.Logger) (int, error) {
 		}
 	}
 	if len(errs) > 0 {
-		return n, fmt.Errorf("system DNS: restoring after an earlier run (journal %s kept): %w", j.path, errors.Join(errs...))
+		return n, fmt.Errorf("system DNS: restoring after an earlier run (journal %s kept): %w", j.Path(), errors.Join(errs...))
 	}
 	return n, nil
 }
 
-// restoreSystemDNS is RestoreSystemDNS with given operations.
+// restoreSystemDNS is Restore with given operations.
 func restoreSystemDNS(journalPath string, ops dnsOps, log *slog.Logger) (int, error) {
-	log = orDiscard(log)
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
 	if journalPath == "" {
 		return 0, nil
 	}
@@ -635,8 +644,8 @@ func restoreSystemDNS(journalPath string, ops dnsOps, log *slog.Logger) (int, er
 	}
 	n, err := restoreLocked(j, ops, log)
 	if err != nil {
-		j.close()
+		j.Close()
 		return n, err
 	}
-	return n, j.remove()
+	return n, j.Remove()
 }

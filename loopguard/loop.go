@@ -1,4 +1,4 @@
-package sysroute
+package loopguard
 
 import (
 	"errors"
@@ -12,8 +12,8 @@ import (
 	"time"
 )
 
-// LoopConfig describes tungate's own outbound sockets to a LoopDetector.
-type LoopConfig struct {
+// Config describes tungate's own outbound sockets to a Detector.
+type Config struct {
 	// Marks are the fwmarks tungate's outbound sockets carry (zeros are
 	// ignored).
 	Marks []uint32
@@ -39,7 +39,7 @@ type LoopConfig struct {
 	Tun      string
 }
 
-// LoopDetector recognises flows that tungate's own outbound sockets sent
+// Detector recognises flows that tungate's own outbound sockets sent
 // into the TUN — a routing loop, from a mark the rules do not exclude or an
 // outbound bound to the TUN — so that the caller can refuse them at once
 // instead of dialling again (each dial would come back as a new flow).
@@ -49,19 +49,19 @@ type LoopConfig struct {
 // fwmark that socket carries: one of tungate's marks means a loop. A flow
 // from another host (tungate as a LAN gateway) has no local socket; an
 // app's socket has the app's mark or none. An unmarked socket counts as
-// tungate's only when LoopConfig.Unmarked is set and the socket is one of
+// tungate's only when Config.Unmarked is set and the socket is one of
 // this process's files.
 //
-// With LoopConfig.Tracked the kernel is asked only about flows to a
+// With Config.Tracked the kernel is asked only about flows to a
 // destination that tungate is dialling at that moment (Dialing): a
 // looping flow always goes to one, because the connect that produced it
 // has not returned (the forwarder finishes the app's handshake only after
 // its own dial) or its UDP session is open. Every other flow is then
 // cleared by a map lookup.
 //
-// A LoopDetector is safe for concurrent use.
-type LoopDetector struct {
-	cfg   LoopConfig
+// A Detector is safe for concurrent use.
+type Detector struct {
+	cfg   Config
 	log   *slog.Logger
 	marks map[uint32]bool
 	// find returns the local socket that sent src→dst (errNoSocket if
@@ -91,11 +91,14 @@ var errNoSocket = errors.New("no local socket")
 // loopLogEvery spaces the log lines about repeated loops.
 const loopLogEvery = time.Minute
 
-// newLoopDetector is NewLoopDetector with the kernel lookups given.
-func newLoopDetector(cfg LoopConfig, log *slog.Logger, find func(string, netip.AddrPort, netip.AddrPort) (sockInfo, error), owns func(uint32) bool) *LoopDetector {
-	d := &LoopDetector{
+// newLoopDetector is New with the kernel lookups given.
+func newLoopDetector(cfg Config, log *slog.Logger, find func(string, netip.AddrPort, netip.AddrPort) (sockInfo, error), owns func(uint32) bool) *Detector {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	d := &Detector{
 		cfg:     cfg,
-		log:     orDiscard(log),
+		log:     log,
 		marks:   map[uint32]bool{},
 		find:    find,
 		owns:    owns,
@@ -117,7 +120,7 @@ func normalize(ap netip.AddrPort) netip.AddrPort {
 // towards dst: a TCP connect, or a UDP session whose first datagram goes
 // there. Call done once the connect has returned, or the session has
 // closed; done may be called more than once.
-func (d *LoopDetector) Dialing(dst netip.AddrPort) (done func()) {
+func (d *Detector) Dialing(dst netip.AddrPort) (done func()) {
 	dst = normalize(dst)
 	d.mu.Lock()
 	d.pending[dst]++
@@ -134,7 +137,7 @@ func (d *LoopDetector) Dialing(dst netip.AddrPort) (done func()) {
 	}
 }
 
-func (d *LoopDetector) dialing(dst netip.AddrPort) bool {
+func (d *Detector) dialing(dst netip.AddrPort) bool {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	return d.pending[dst] > 0
@@ -144,8 +147,8 @@ func (d *LoopDetector) dialing(dst netip.AddrPort) bool {
 // arrived in the TUN was sent by one of tungate's own sockets. The first
 // time it logs one line saying so and how to fix it; later loops are
 // counted and logged at most once a minute. It costs at most one netlink
-// round trip (see LoopDetector).
-func (d *LoopDetector) Loop(network string, src, dst netip.AddrPort) bool {
+// round trip (see Detector).
+func (d *Detector) Loop(network string, src, dst netip.AddrPort) bool {
 	if d == nil || d.find == nil {
 		return false
 	}
@@ -172,7 +175,7 @@ func (d *LoopDetector) Loop(network string, src, dst netip.AddrPort) bool {
 }
 
 // Loops returns how many flows Loop has recognised.
-func (d *LoopDetector) Loops() uint64 {
+func (d *Detector) Loops() uint64 {
 	if d == nil {
 		return 0
 	}
@@ -180,14 +183,14 @@ func (d *LoopDetector) Loops() uint64 {
 }
 
 // Close releases the detector's netlink socket.
-func (d *LoopDetector) Close() error {
+func (d *Detector) Close() error {
 	if d == nil || d.closeFn == nil {
 		return nil
 	}
 	return d.closeFn()
 }
 
-func (d *LoopDetector) report(network string, src, dst netip.AddrPort, info sockInfo) {
+func (d *Detector) report(network string, src, dst netip.AddrPort, info sockInfo) {
 	d.logMu.Lock()
 	defer d.logMu.Unlock()
 	now := time.Now()
@@ -209,7 +212,7 @@ func (d *LoopDetector) report(network string, src, dst netip.AddrPort, info sock
 }
 
 // advice says how to fix the loop, from what is known of the socket.
-func (d *LoopDetector) advice(info sockInfo) string {
+func (d *Detector) advice(info sockInfo) string {
 	tun := d.cfg.Tun
 	if tun == "" {
 		tun = "the TUN"

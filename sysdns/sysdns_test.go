@@ -1,4 +1,4 @@
-package sysroute
+package sysdns
 
 import (
 	"bytes"
@@ -14,7 +14,7 @@ import (
 )
 
 // These tests work on files in t.TempDir() only: the resolver file is
-// always SystemDNSConfig.ResolvConf, never the host's.
+// always Config.ResolvConf, never the host's.
 
 var testServer = netip.MustParseAddr("172.19.0.2")
 
@@ -29,9 +29,9 @@ func fileOps() dnsOps {
 	}
 }
 
-func dnsConfig(t *testing.T) SystemDNSConfig {
+func dnsConfig(t *testing.T) Config {
 	dir := t.TempDir()
-	return SystemDNSConfig{
+	return Config{
 		Server:     testServer,
 		Link:       "tg0",
 		Journal:    filepath.Join(dir, "state", "route.journal.dns"),
@@ -174,7 +174,7 @@ func TestSystemDNSAbsentFile(t *testing.T) {
 
 // kill drops s as a killed tungate would: the journal's lock goes with the
 // process, nothing is restored.
-func kill(s *SystemDNS) { s.j.close() }
+func kill(s *SystemDNS) { s.j.Close() }
 
 func TestSystemDNSCrashRecovery(t *testing.T) {
 	for _, next := range []string{"restart", "restore"} {

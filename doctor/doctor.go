@@ -1,12 +1,14 @@
-package sysroute
+package doctor
 
 import (
 	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
-	"strconv"
 	"strings"
+
+	"github.com/tungate/tungate/sysdns"
+	"github.com/tungate/tungate/sysroute"
 )
 
 // `tungate doctor`: Inspect reads what of the host's state matters to
@@ -14,14 +16,14 @@ import (
 // returns each check as ok or a problem with its fix in words. Diagnose is
 // pure, so that every check is tested with made-up states.
 
-// ErrDoctorUnsupported is returned by Inspect and RouteLookup on an OS
-// where they are not built yet.
-var ErrDoctorUnsupported = errors.New("tungate doctor is not supported on this OS yet")
+// ErrUnsupported is returned by Inspect on an OS where it is not built
+// yet.
+var ErrUnsupported = errors.New("tungate doctor is not supported on this OS yet")
 
-// DoctorConfig is the configuration Diagnose checks the host against.
-type DoctorConfig struct {
-	// Route is what auto-route installs (Config.Journal is route.journal).
-	Route Config
+// Config is the configuration Diagnose checks the host against.
+type Config struct {
+	// Route is what auto-route installs (Route.Journal is route.journal).
+	Route sysroute.Config
 	// Auto is route.auto.
 	Auto bool
 	// SetSystemDNS, DNSEnabled and DNSListen are route.set_system_dns,
@@ -55,10 +57,10 @@ type HostState struct {
 	// LocalAddrs are the addresses assigned to this host's interfaces.
 	LocalAddrs []netip.Addr
 	// Rules are every ip rule of both families, by priority.
-	Rules []HostRule
+	Rules []sysroute.HostRule
 	// TableRoutes are the routes of tungate's table; Defaults the main
 	// table's default routes.
-	TableRoutes, Defaults []HostRoute
+	TableRoutes, Defaults []sysroute.HostRoute
 	// Sysctls holds the values read, by name
 	// ("net.ipv4.conf.all.rp_filter"); an unreadable one is absent.
 	Sysctls map[string]int
@@ -76,27 +78,6 @@ type TunState struct {
 	Name       string
 	Exists, Up bool
 	Addrs      []netip.Prefix
-}
-
-// HostRule is one ip rule.
-type HostRule struct {
-	Family   int // 4 or 6
-	Priority int
-	Proto    uint8
-	// Text is the rule as `ip rule` shows it.
-	Text string
-}
-
-// HostRoute is one route.
-type HostRoute struct {
-	Family int
-	Table  int
-	Dst    netip.Prefix
-	Type   string // "unicast", "unreachable", "blackhole"…
-	Dev    string
-	Proto  uint8
-	// Text is the route as `ip route` shows it.
-	Text string
 }
 
 // NFTState is what the nftables ruleset shows of tungate.
@@ -140,96 +121,14 @@ func (f Finding) String() string {
 	return fmt.Sprintf("PROBLEM: %s: %s — fix: %s", f.Check, f.Detail, f.Fix)
 }
 
-// ProtoName names a rule's or route's protocol the way `ip` does, and
-// tungate's tag as "tungate".
-func ProtoName(p uint8) string {
-	switch p {
-	case ProtoTungate:
-		return "tungate"
-	case 0:
-		return "unspec"
-	case 1:
-		return "redirect"
-	case 2:
-		return "kernel"
-	case 3:
-		return "boot"
-	case 4:
-		return "static"
-	case 16:
-		return "dhcp"
-	case 9:
-		return "ra"
-	}
-	return strconv.Itoa(int(p))
-}
-
-// TableName names a routing table: "main", "local", "default", or its
-// number.
-func TableName(t int) string {
-	switch t {
-	case 253:
-		return "default"
-	case tableMain:
-		return "main"
-	case 255:
-		return "local"
-	}
-	return strconv.Itoa(t)
-}
-
-// DoctorBand is tungate's rule band of one family for a configuration.
-type DoctorBand struct {
-	Family      int
-	First, Last int
-	// Rules is how many rules tungate installs there (0 when the
-	// configuration cannot be planned; then First-Last is the widest band
-	// any configuration with this route.priority could use).
-	Rules int
-}
-
-// Bands returns the band of each family that c's auto-route uses (both
-// families, the widest possible, when the plan fails), and the plan's
-// error.
-func (c *DoctorConfig) Bands() ([]DoctorBand, error) {
-	_, rules, err := plan(c.Route)
-	if err != nil || len(rules) == 0 {
-		first, last := sweepBand(c.Route)
-		return []DoctorBand{{Family: 4, First: first, Last: last}, {Family: 6, First: first, Last: last}}, err
-	}
-	var out []DoctorBand
-	for _, f := range []family{4, 6} {
-		b := DoctorBand{Family: int(f), First: -1}
-		for _, ru := range rules {
-			if ru.Family != f {
-				continue
-			}
-			if b.First < 0 || ru.Priority < b.First {
-				b.First = ru.Priority
-			}
-			b.Last = max(b.Last, ru.Priority)
-			b.Rules++
-		}
-		if b.Rules > 0 {
-			out = append(out, b)
-		}
-	}
-	return out, nil
-}
-
-// plannedRoutes returns the routes c's auto-route puts in its table.
-func (c *DoctorConfig) plannedRoutes() []route {
-	routes, _, err := plan(c.Route)
-	if err != nil {
-		return nil
-	}
-	return routes
-}
+// Bands returns the band of each family that c's auto-route uses (see
+// sysroute.Config.Bands).
+func (c *Config) Bands() ([]sysroute.Band, error) { return c.Route.Bands() }
 
 // Diagnose checks s against c. It changes nothing.
-func Diagnose(c DoctorConfig, s *HostState) []Finding {
+func Diagnose(c Config, s *HostState) []Finding {
 	var out []Finding
-	for _, check := range []func(DoctorConfig, *HostState) []Finding{
+	for _, check := range []func(Config, *HostState) []Finding{
 		checkTun, checkBand, checkTable, checkRPFilter, checkForwarding,
 		checkDefaultRoute, checkOutboundInterfaces, checkNFT, checkDNS, checkJournals,
 	} {
@@ -253,14 +152,14 @@ func Problems(fs []Finding) int {
 	return n
 }
 
-func (c DoctorConfig) cmd(sub string) string {
+func (c Config) cmd(sub string) string {
 	if c.ConfigFlag == "" {
 		return "tungate " + sub
 	}
 	return "tungate " + sub + " " + c.ConfigFlag
 }
 
-func checkTun(c DoctorConfig, s *HostState) []Finding {
+func checkTun(c Config, s *HostState) []Finding {
 	name := s.Tun.Name
 	switch {
 	case !s.Tun.Exists:
@@ -289,7 +188,7 @@ func ipRuleDel(f int, text string) string {
 	return fmt.Sprintf("ip -%d rule del priority %s %s", f, strings.TrimSpace(prio), strings.TrimSpace(rest))
 }
 
-func checkBand(c DoctorConfig, s *HostState) []Finding {
+func checkBand(c Config, s *HostState) []Finding {
 	if !c.Auto {
 		return []Finding{{Check: "ip rules", Detail: "route.auto is off: tungate installs no rules, so its band is not checked"}}
 	}
@@ -306,13 +205,13 @@ func checkBand(c DoctorConfig, s *HostState) []Finding {
 			if ru.Family != b.Family || ru.Priority < b.First || ru.Priority > b.Last {
 				continue
 			}
-			if ru.Proto == ProtoTungate {
+			if ru.Proto == sysroute.ProtoTungate {
 				ours++
 				continue
 			}
 			out = append(out, Finding{Check: "ip rules", Problem: true,
 				Detail: fmt.Sprintf("ipv%d rule \"%s\" (proto %s) is not tungate's but sits in tungate's band %d-%d: traffic meets it between tungate's rules (tungate's gotos jump past it or land on it), and tungate refuses to start over it",
-					b.Family, ru.Text, ProtoName(ru.Proto), b.First, b.Last),
+					b.Family, ru.Text, sysroute.ProtoName(ru.Proto), b.First, b.Last),
 				Fix: fmt.Sprintf("remove it (%s) or give tungate another band (route.priority)", ipRuleDel(b.Family, ru.Text))})
 		}
 		if planErr != nil {
@@ -335,31 +234,31 @@ func checkBand(c DoctorConfig, s *HostState) []Finding {
 	return out
 }
 
-func checkTable(c DoctorConfig, s *HostState) []Finding {
+func checkTable(c Config, s *HostState) []Finding {
 	if !c.Auto {
 		return nil
 	}
 	var out []Finding
 	table := c.Route.Table
 	for _, rt := range s.TableRoutes {
-		if rt.Proto != ProtoTungate {
+		if rt.Proto != sysroute.ProtoTungate {
 			out = append(out, Finding{Check: "routes", Problem: true,
 				Detail: fmt.Sprintf("table %d has a route that is not tungate's (%s): traffic tungate's rules send to its table may take it, and tungate refuses to start over it", table, rt.Text),
-				Fix:    fmt.Sprintf("remove it (ip -%d route del %s table %d) or give tungate another table (route.table)", rt.Family, routeDst(rt), table)})
+				Fix:    fmt.Sprintf("remove it (ip -%d route del %s table %d) or give tungate another table (route.table)", rt.Family, sysroute.RouteDst(rt), table)})
 		}
 	}
 	if !s.Tun.Exists {
 		return out
 	}
-	for _, want := range c.plannedRoutes() {
-		var got *HostRoute
+	for _, want := range c.Route.PlannedRoutes() {
+		var got *sysroute.HostRoute
 		for i, rt := range s.TableRoutes {
-			if rt.Family == int(want.Family) && rt.Dst == want.To && rt.Proto == ProtoTungate {
+			if rt.Family == want.Family && rt.Dst == want.Dst && rt.Proto == sysroute.ProtoTungate {
 				got = &s.TableRoutes[i]
 			}
 		}
 		wantText := fmt.Sprintf("ipv%d default dev %s", want.Family, want.Dev)
-		if want.Type == rtUnreachable {
+		if want.Type == "unreachable" {
 			wantText = fmt.Sprintf("ipv%d unreachable default (route.strict)", want.Family)
 		}
 		switch {
@@ -367,7 +266,7 @@ func checkTable(c DoctorConfig, s *HostState) []Finding {
 			out = append(out, Finding{Check: "routes", Problem: true,
 				Detail: fmt.Sprintf("table %d lacks tungate's %s: the band's lookup in it finds nothing, so ipv%d traffic bypasses tungate", table, wantText, want.Family),
 				Fix:    "restart tungate (the kernel removes a device's routes when the device goes down or away)"})
-		case want.Type == rtDev && got.Dev != want.Dev:
+		case want.Type == "unicast" && got.Dev != want.Dev:
 			out = append(out, Finding{Check: "routes", Problem: true,
 				Detail: fmt.Sprintf("table %d's ipv%d default goes to %q, not to the TUN %s", table, want.Family, got.Dev, want.Dev),
 				Fix:    "restart tungate with this configuration (tun.name)"})
@@ -378,20 +277,10 @@ func checkTable(c DoctorConfig, s *HostState) []Finding {
 	return out
 }
 
-func routeDst(rt HostRoute) string {
-	if rt.Dst.IsValid() && rt.Dst.Bits() == 0 {
-		return "default"
-	}
-	if rt.Dst.IsValid() {
-		return rt.Dst.String()
-	}
-	return "…"
-}
-
 // selectsByOwner reports whether c's band keeps some traffic that has no
 // owner — uid 0 and no mark, as the kernel's reverse path check looks up
 // a reply's sender — out of the TUN, and names the key that does.
-func selectsByOwner(r Config) (string, bool) {
+func selectsByOwner(r sysroute.Config) (string, bool) {
 	switch {
 	case len(r.IncludeUIDs) > 0:
 		return "route.include_uids", true
@@ -406,7 +295,7 @@ func selectsByOwner(r Config) (string, bool) {
 	return "", false
 }
 
-func checkRPFilter(c DoctorConfig, s *HostState) []Finding {
+func checkRPFilter(c Config, s *HostState) []Finding {
 	const check = "rp_filter"
 	tun := s.Tun.Name
 	all, okAll := s.Sysctls["net.ipv4.conf.all.rp_filter"]
@@ -436,7 +325,7 @@ func checkRPFilter(c DoctorConfig, s *HostState) []Finding {
 	return []Finding{{Check: check, Detail: seen}}
 }
 
-func checkForwarding(c DoctorConfig, s *HostState) []Finding {
+func checkForwarding(c Config, s *HostState) []Finding {
 	var need4, need6 []string
 	for _, p := range c.SourceCIDRs {
 		local := slices.ContainsFunc(s.LocalAddrs, func(a netip.Addr) bool { return p.Contains(a.Unmap()) })
@@ -474,7 +363,7 @@ func checkForwarding(c DoctorConfig, s *HostState) []Finding {
 	return out
 }
 
-func checkDefaultRoute(c DoctorConfig, s *HostState) []Finding {
+func checkDefaultRoute(c Config, s *HostState) []Finding {
 	var out []Finding
 	var found []string
 	for _, rt := range s.Defaults {
@@ -500,7 +389,7 @@ func checkDefaultRoute(c DoctorConfig, s *HostState) []Finding {
 	return out
 }
 
-func checkOutboundInterfaces(c DoctorConfig, s *HostState) []Finding {
+func checkOutboundInterfaces(c Config, s *HostState) []Finding {
 	var out []Finding
 	for _, o := range c.Outbounds {
 		if o.Interface == "" {
@@ -533,7 +422,7 @@ func (n NFTState) TungateTables() []string {
 	return out
 }
 
-func checkNFT(c DoctorConfig, s *HostState) []Finding {
+func checkNFT(c Config, s *HostState) []Finding {
 	const check = "nftables"
 	if !s.NFT.Checked {
 		return []Finding{{Check: check, Detail: "not checked: " + s.NFT.Note}}
@@ -565,7 +454,7 @@ func addrsString(as []netip.Addr) string {
 	return strings.Join(s, ", ")
 }
 
-func checkDNS(c DoctorConfig, s *HostState) []Finding {
+func checkDNS(c Config, s *HostState) []Finding {
 	const check = "system DNS"
 	r := s.Resolv
 	if r.Err != "" {
@@ -598,7 +487,7 @@ func checkDNS(c DoctorConfig, s *HostState) []Finding {
 	return []Finding{{Check: check, Detail: seen + " (tungate answers only the queries that reach it: dns.hijack)"}}
 }
 
-func checkJournals(c DoctorConfig, s *HostState) []Finding {
+func checkJournals(c Config, s *HostState) []Finding {
 	if s.Tun.Exists {
 		return nil
 	}
@@ -610,55 +499,8 @@ func checkJournals(c DoctorConfig, s *HostState) []Finding {
 	}
 	if s.DNSJournal {
 		out = append(out, Finding{Check: "journal", Problem: true,
-			Detail: fmt.Sprintf("%s exists but tungate is not running: the system resolver a killed tungate changed is not restored", SystemDNSJournal(c.Route.Journal)),
+			Detail: fmt.Sprintf("%s exists but tungate is not running: the system resolver a killed tungate changed is not restored", sysdns.JournalPath(c.Route.Journal)),
 			Fix:    fmt.Sprintf("start tungate again (%s), which restores it first, then stop it", c.cmd("run"))})
 	}
 	return out
-}
-
-// RouteQuery is a route lookup as the kernel makes it for a packet.
-type RouteQuery struct {
-	Dst netip.Addr
-	// Proto ("tcp", "udp" or "") and DPort make rules on ipproto and
-	// dport apply.
-	Proto string
-	DPort uint16
-	// Mark is the packet's fwmark; Oif the interface its socket is bound
-	// to ("" = none); UID the owner's uid (nil: the caller's).
-	Mark uint32
-	Oif  string
-	UID  *uint32
-}
-
-// RouteAnswer is the kernel's answer to a RouteQuery.
-type RouteAnswer struct {
-	Table   int
-	Type    string
-	Dev     string
-	Gateway netip.Addr
-	Src     netip.Addr
-	// Err is the kernel's refusal (network unreachable…).
-	Err error
-}
-
-// String renders a like `ip route get` does, with the table named.
-func (a RouteAnswer) String() string {
-	if a.Err != nil {
-		return a.Err.Error()
-	}
-	var b strings.Builder
-	fmt.Fprintf(&b, "table %s", TableName(a.Table))
-	if a.Type != "" && a.Type != "unicast" {
-		fmt.Fprintf(&b, " %s", a.Type)
-	}
-	if a.Gateway.IsValid() {
-		fmt.Fprintf(&b, " via %s", a.Gateway)
-	}
-	if a.Dev != "" {
-		fmt.Fprintf(&b, " dev %s", a.Dev)
-	}
-	if a.Src.IsValid() {
-		fmt.Fprintf(&b, " src %s", a.Src)
-	}
-	return b.String()
 }

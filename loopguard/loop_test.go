@@ -1,6 +1,8 @@
-package sysroute
+package loopguard
 
 import (
+	"bytes"
+	"log/slog"
 	"net/netip"
 	"strings"
 	"sync"
@@ -8,6 +10,29 @@ import (
 	"testing"
 	"time"
 )
+
+// logBuffer collects log lines for assertions.
+type logBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (l *logBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.Write(p)
+}
+
+func (l *logBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.String()
+}
+
+func testLogger(t *testing.T) (*slog.Logger, *logBuffer) {
+	var lb logBuffer
+	return slog.New(slog.NewTextHandler(&lb, &slog.HandlerOptions{Level: slog.LevelDebug})), &lb
+}
 
 type fakeSockets struct {
 	calls atomic.Int32
@@ -28,7 +53,7 @@ var (
 func TestLoopDetector(t *testing.T) {
 	tests := []struct {
 		name     string
-		cfg      LoopConfig
+		cfg      Config
 		info     sockInfo
 		err      error
 		owned    bool
@@ -36,17 +61,17 @@ func TestLoopDetector(t *testing.T) {
 		want     bool
 		wantFind bool
 	}{
-		{"tracked, not dialling the destination: no lookup", LoopConfig{Marks: []uint32{0x2e7}, Tracked: true}, sockInfo{Mark: 0x2e7, HasMark: true}, nil, false, false, false, false},
-		{"tracked, dialling the destination", LoopConfig{Marks: []uint32{0x2e7}, Tracked: true}, sockInfo{Mark: 0x2e7, HasMark: true}, nil, false, true, true, true},
-		{"untracked: always asks", LoopConfig{Marks: []uint32{0x2e7}}, sockInfo{Mark: 0x2e7, HasMark: true}, nil, false, false, true, true},
-		{"our mark", LoopConfig{Marks: []uint32{0x2e7}}, sockInfo{Mark: 0x2e7, HasMark: true}, nil, false, true, true, true},
-		{"another outbound's mark", LoopConfig{Marks: []uint32{0x2e7, 0x100}}, sockInfo{Mark: 0x100, HasMark: true}, nil, false, true, true, true},
-		{"an app's mark", LoopConfig{Marks: []uint32{0x2e7}}, sockInfo{Mark: 0x55, HasMark: true}, nil, true, true, false, true},
-		{"no local socket (a LAN client)", LoopConfig{Marks: []uint32{0x2e7}}, sockInfo{}, errNoSocket, false, true, false, true},
-		{"unmarked app socket", LoopConfig{Marks: []uint32{0x2e7}, Unmarked: true}, sockInfo{HasMark: true}, nil, false, true, false, true},
-		{"unmarked socket of ours", LoopConfig{Marks: []uint32{0x2e7}, Unmarked: true}, sockInfo{HasMark: true}, nil, true, true, true, true},
-		{"unmarked socket of ours, but every outbound is marked", LoopConfig{Marks: []uint32{0x2e7}}, sockInfo{HasMark: true}, nil, true, true, false, true},
-		{"mark unknown (no CAP_NET_ADMIN), our file", LoopConfig{Unmarked: true}, sockInfo{}, nil, true, true, true, true},
+		{"tracked, not dialling the destination: no lookup", Config{Marks: []uint32{0x2e7}, Tracked: true}, sockInfo{Mark: 0x2e7, HasMark: true}, nil, false, false, false, false},
+		{"tracked, dialling the destination", Config{Marks: []uint32{0x2e7}, Tracked: true}, sockInfo{Mark: 0x2e7, HasMark: true}, nil, false, true, true, true},
+		{"untracked: always asks", Config{Marks: []uint32{0x2e7}}, sockInfo{Mark: 0x2e7, HasMark: true}, nil, false, false, true, true},
+		{"our mark", Config{Marks: []uint32{0x2e7}}, sockInfo{Mark: 0x2e7, HasMark: true}, nil, false, true, true, true},
+		{"another outbound's mark", Config{Marks: []uint32{0x2e7, 0x100}}, sockInfo{Mark: 0x100, HasMark: true}, nil, false, true, true, true},
+		{"an app's mark", Config{Marks: []uint32{0x2e7}}, sockInfo{Mark: 0x55, HasMark: true}, nil, true, true, false, true},
+		{"no local socket (a LAN client)", Config{Marks: []uint32{0x2e7}}, sockInfo{}, errNoSocket, false, true, false, true},
+		{"unmarked app socket", Config{Marks: []uint32{0x2e7}, Unmarked: true}, sockInfo{HasMark: true}, nil, false, true, false, true},
+		{"unmarked socket of ours", Config{Marks: []uint32{0x2e7}, Unmarked: true}, sockInfo{HasMark: true}, nil, true, true, true, true},
+		{"unmarked socket of ours, but every outbound is marked", Config{Marks: []uint32{0x2e7}}, sockInfo{HasMark: true}, nil, true, true, false, true},
+		{"mark unknown (no CAP_NET_ADMIN), our file", Config{Unmarked: true}, sockInfo{}, nil, true, true, true, true},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -73,7 +98,7 @@ func TestLoopDetector(t *testing.T) {
 func TestLoopDialingDone(t *testing.T) {
 	fs := &fakeSockets{info: sockInfo{Mark: 0x2e7, HasMark: true}}
 	log, _ := testLogger(t)
-	d := newLoopDetector(LoopConfig{Marks: []uint32{0x2e7}, Tracked: true}, log, fs.find, nil)
+	d := newLoopDetector(Config{Marks: []uint32{0x2e7}, Tracked: true}, log, fs.find, nil)
 	done1 := d.Dialing(loopDst)
 	done2 := d.Dialing(loopDst)
 	done1()
@@ -91,7 +116,7 @@ func TestLoopDialingDone(t *testing.T) {
 	if d.Loops() != 1 {
 		t.Errorf("Loops() = %d, want 1", d.Loops())
 	}
-	var nilD *LoopDetector
+	var nilD *Detector
 	if nilD.Loop("tcp", loopSrc, loopDst) || nilD.Loops() != 0 || nilD.Close() != nil {
 		t.Error("a nil detector must detect nothing")
 	}
@@ -100,7 +125,7 @@ func TestLoopDialingDone(t *testing.T) {
 func TestLoopLogsOnceThenEveryMinute(t *testing.T) {
 	fs := &fakeSockets{info: sockInfo{Mark: 0x999, HasMark: true}}
 	log, logs := testLogger(t)
-	d := newLoopDetector(LoopConfig{Marks: []uint32{0x999}, Excluded: []uint32{0x2e7}, Priority: 9000, Tun: "tg0"}, log, fs.find, nil)
+	d := newLoopDetector(Config{Marks: []uint32{0x999}, Excluded: []uint32{0x2e7}, Priority: 9000, Tun: "tg0"}, log, fs.find, nil)
 	defer d.Dialing(loopDst)()
 	var wg sync.WaitGroup
 	for range 50 {
@@ -124,15 +149,15 @@ func TestLoopLogsOnceThenEveryMinute(t *testing.T) {
 
 func TestLoopAdvice(t *testing.T) {
 	tests := []struct {
-		cfg  LoopConfig
+		cfg  Config
 		info sockInfo
 		want string
 	}{
-		{LoopConfig{Excluded: []uint32{0x2e7}}, sockInfo{HasMark: true}, "give the outbound a fwmark that route.auto excludes (0x2e7)"},
-		{LoopConfig{}, sockInfo{}, "give the outbound a fwmark (outbounds[].fwmark)"},
-		{LoopConfig{Excluded: []uint32{0x2e7}, Priority: 9000, Tun: "tg0"}, sockInfo{Mark: 0x2e7, HasMark: true}, "ip rule before priority 9000"},
-		{LoopConfig{Excluded: []uint32{0x2e7}}, sockInfo{Mark: 0x5, HasMark: true}, "exclude fwmark 0x2e7, not 0x5"},
-		{LoopConfig{Tun: "tg0"}, sockInfo{Mark: 0x5, HasMark: true}, "ip rule add fwmark 0x5 lookup main"},
+		{Config{Excluded: []uint32{0x2e7}}, sockInfo{HasMark: true}, "give the outbound a fwmark that route.auto excludes (0x2e7)"},
+		{Config{}, sockInfo{}, "give the outbound a fwmark (outbounds[].fwmark)"},
+		{Config{Excluded: []uint32{0x2e7}, Priority: 9000, Tun: "tg0"}, sockInfo{Mark: 0x2e7, HasMark: true}, "ip rule before priority 9000"},
+		{Config{Excluded: []uint32{0x2e7}}, sockInfo{Mark: 0x5, HasMark: true}, "exclude fwmark 0x2e7, not 0x5"},
+		{Config{Tun: "tg0"}, sockInfo{Mark: 0x5, HasMark: true}, "ip rule add fwmark 0x5 lookup main"},
 	}
 	for _, tc := range tests {
 		d := newLoopDetector(tc.cfg, nil, nil, nil)

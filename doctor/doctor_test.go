@@ -1,18 +1,21 @@
-package sysroute
+package doctor
 
 import (
+	"fmt"
 	"net/netip"
 	"strings"
 	"testing"
 
 	"github.com/tungate/tungate/configs"
+	"github.com/tungate/tungate/sysdns"
+	"github.com/tungate/tungate/sysroute"
 )
 
 // Diagnose's checks with made-up host states: no root, nothing read.
 
-func doctorCfg() DoctorConfig {
-	return DoctorConfig{
-		Route: Config{
+func doctorCfg() Config {
+	return Config{
+		Route: sysroute.Config{
 			TunName:  "tg0",
 			TunAddrs: []netip.Prefix{netip.MustParsePrefix("172.19.0.1/30"), netip.MustParsePrefix("fdfe:dcba:9876::1/126")},
 			Table:    2022,
@@ -28,9 +31,9 @@ func doctorCfg() DoctorConfig {
 }
 
 // healthyState is a host where tungate runs with c, as planned.
-func healthyState(t *testing.T, c DoctorConfig) *HostState {
+func healthyState(t *testing.T, c Config) *HostState {
 	t.Helper()
-	routes, rules, err := plan(c.Route)
+	bands, err := c.Bands()
 	if err != nil {
 		t.Fatalf("plan: %v", err)
 	}
@@ -38,29 +41,36 @@ func healthyState(t *testing.T, c DoctorConfig) *HostState {
 		Tun:        TunState{Name: c.Route.TunName, Exists: true, Up: true, Addrs: c.Route.TunAddrs},
 		Links:      []string{"lo", "eth0", c.Route.TunName},
 		LocalAddrs: []netip.Addr{netip.MustParseAddr("127.0.0.1"), netip.MustParseAddr("192.168.1.10"), netip.MustParseAddr("172.19.0.1")},
-		Defaults: []HostRoute{{Family: 4, Table: tableMain, Dst: defaultPrefix(4), Type: "unicast", Dev: "eth0", Proto: 3,
+		Defaults: []sysroute.HostRoute{{Family: 4, Table: 254, Dst: netip.MustParsePrefix("0.0.0.0/0"), Type: "unicast", Dev: "eth0", Proto: 3,
 			Text: "default via 192.168.1.1 dev eth0 table main proto boot"}},
 		Sysctls: map[string]int{"net.ipv4.conf.all.rp_filter": 2, "net.ipv4.conf.default.rp_filter": 1, "net.ipv4.conf.tg0.rp_filter": 0,
 			"net.ipv4.ip_forward": 0, "net.ipv6.conf.all.forwarding": 0},
 		NFT:          NFTState{Checked: true, Tables: []string{"inet filter"}},
-		Resolv:       ResolvState{Path: DefaultResolvConf, Nameservers: []netip.Addr{netip.MustParseAddr("192.168.1.1")}},
+		Resolv:       ResolvState{Path: sysdns.DefaultResolvConf, Nameservers: []netip.Addr{netip.MustParseAddr("192.168.1.1")}},
 		RouteJournal: true,
 	}
-	for _, ru := range rules {
-		s.Rules = append(s.Rules, HostRule{Family: int(ru.Family), Priority: ru.Priority, Proto: ProtoTungate, Text: ru.String() + " proto tungate"})
+	// A band's rules have one priority each, First to Last.
+	for _, b := range bands {
+		if b.Last-b.First+1 != b.Rules {
+			t.Fatalf("band %+v: not one rule a priority", b)
+		}
+		for prio := b.First; prio <= b.Last; prio++ {
+			s.Rules = append(s.Rules, sysroute.HostRule{Family: b.Family, Priority: prio, Proto: sysroute.ProtoTungate, Text: fmt.Sprintf("%d: (tungate's rule) proto tungate", prio)})
+		}
 	}
 	for _, f := range []int{4, 6} {
-		s.Rules = append(s.Rules, HostRule{Family: f, Priority: 32766, Proto: 2, Text: "32766: from all lookup main proto kernel"})
+		s.Rules = append(s.Rules, sysroute.HostRule{Family: f, Priority: 32766, Proto: 2, Text: "32766: from all lookup main proto kernel"})
 	}
-	for _, rt := range routes {
-		s.TableRoutes = append(s.TableRoutes, HostRoute{Family: int(rt.Family), Table: rt.Table, Dst: rt.To, Type: "unicast", Dev: rt.Dev, Proto: ProtoTungate, Text: rt.String()})
+	for _, rt := range c.Route.PlannedRoutes() {
+		rt.Text = fmt.Sprintf("%s dev %s table %d", sysroute.RouteDst(rt), rt.Dev, rt.Table)
+		s.TableRoutes = append(s.TableRoutes, rt)
 	}
 	return s
 }
 
 // problems returns the problem lines of Diagnose, and fails on a problem
 // without a fix.
-func problems(t *testing.T, c DoctorConfig, s *HostState) []string {
+func problems(t *testing.T, c Config, s *HostState) []string {
 	t.Helper()
 	var out []string
 	for _, f := range Diagnose(c, s) {
@@ -138,8 +148,8 @@ func TestDiagnoseTun(t *testing.T) {
 func TestDiagnoseBand(t *testing.T) {
 	c := doctorCfg()
 	s := healthyState(t, c)
-	s.Rules = append(s.Rules, HostRule{Family: 4, Priority: 9001, Proto: 0, Text: "9001: from all lookup 100"},
-		HostRule{Family: 6, Priority: 9004, Proto: 3, Text: "9004: from all lookup 100 proto boot"}) // past the ipv6 band
+	s.Rules = append(s.Rules, sysroute.HostRule{Family: 4, Priority: 9001, Proto: 0, Text: "9001: from all lookup 100"},
+		sysroute.HostRule{Family: 6, Priority: 9004, Proto: 3, Text: "9004: from all lookup 100 proto boot"}) // past the ipv6 band
 	wantProblems(t, "foreign rule", problems(t, c, s),
 		`PROBLEM: ip rules: ipv4 rule "9001: from all lookup 100" (proto unspec) is not tungate's but sits in tungate's band 9000-9003`)
 	if got := problems(t, c, s)[0]; !strings.Contains(got, "fix: remove it (ip -4 rule del priority 9001 from all lookup 100)") {
@@ -157,7 +167,7 @@ func TestDiagnoseBand(t *testing.T) {
 	c3 := c
 	c3.Auto = false
 	s = healthyState(t, c)
-	s.Rules = append(s.Rules, HostRule{Family: 4, Priority: 9001, Text: "9001: from all lookup 100"})
+	s.Rules = append(s.Rules, sysroute.HostRule{Family: 4, Priority: 9001, Text: "9001: from all lookup 100"})
 	s.TableRoutes = nil
 	wantProblems(t, "route.auto off", problems(t, c3, s))
 }
@@ -166,7 +176,7 @@ func TestDiagnoseTable(t *testing.T) {
 	c := doctorCfg()
 	s := healthyState(t, c)
 	s.TableRoutes = s.TableRoutes[1:] // the IPv4 default is gone
-	s.TableRoutes = append(s.TableRoutes, HostRoute{Family: 4, Table: 2022, Dst: netip.MustParsePrefix("10.0.0.0/8"), Type: "unicast", Dev: "eth0", Proto: 3,
+	s.TableRoutes = append(s.TableRoutes, sysroute.HostRoute{Family: 4, Table: 2022, Dst: netip.MustParsePrefix("10.0.0.0/8"), Type: "unicast", Dev: "eth0", Proto: 3,
 		Text: "10.0.0.0/8 dev eth0 table 2022 proto boot"})
 	wantProblems(t, "table", problems(t, c, s),
 		"table 2022 has a route that is not tungate's (10.0.0.0/8 dev eth0",
@@ -247,7 +257,7 @@ func TestDiagnoseDefaultRouteAndInterfaces(t *testing.T) {
 	wantProblems(t, "no default", problems(t, c, s), "the main table has no default route")
 
 	s = healthyState(t, c)
-	s.Defaults = append(s.Defaults, HostRoute{Family: 6, Dst: defaultPrefix(6), Type: "unicast", Dev: "tg0", Text: "default dev tg0 table main"})
+	s.Defaults = append(s.Defaults, sysroute.HostRoute{Family: 6, Dst: netip.MustParsePrefix("::/0"), Type: "unicast", Dev: "tg0", Text: "default dev tg0 table main"})
 	wantProblems(t, "default into the TUN", problems(t, c, s), "the main table's ipv6 default route goes into the TUN")
 
 	c.Outbounds = []OutboundInterface{{Key: "outbounds[0] (direct)", Interface: "eth0"}, {Key: "outbounds[1] (wan2)", Interface: "eth9"}, {Key: "outbounds[2] (bad)", Interface: "tg0"}}
@@ -289,7 +299,7 @@ func TestDiagnoseDNS(t *testing.T) {
 	s.Resolv.Nameservers = []netip.Addr{listen}
 	wantProblems(t, "set_system_dns applied", problems(t, c, s))
 
-	s.Resolv = ResolvState{Path: DefaultResolvConf, Symlink: "/run/systemd/resolve/stub-resolv.conf", Nameservers: []netip.Addr{netip.MustParseAddr("127.0.0.53")}, ByResolved: true}
+	s.Resolv = ResolvState{Path: sysdns.DefaultResolvConf, Symlink: "/run/systemd/resolve/stub-resolv.conf", Nameservers: []netip.Addr{netip.MustParseAddr("127.0.0.53")}, ByResolved: true}
 	wantProblems(t, "systemd-resolved", problems(t, c, s))
 
 	// Left pointing at a tungate that is not running.
@@ -314,8 +324,5 @@ func TestFindingString(t *testing.T) {
 	}
 	if got := ipRuleDel(6, "9001: from all iif eth0 lookup 100 proto boot"); got != "ip -6 rule del priority 9001 from all iif eth0 lookup 100 proto boot" {
 		t.Errorf("ipRuleDel = %q", got)
-	}
-	if got := (RouteAnswer{Table: 254, Dev: "eth0", Gateway: netip.MustParseAddr("192.168.1.1")}).String(); got != "table main via 192.168.1.1 dev eth0" {
-		t.Errorf("RouteAnswer.String = %q", got)
 	}
 }

@@ -1,4 +1,4 @@
-package sysroute
+package loopguard
 
 import (
 	"context"
@@ -50,13 +50,13 @@ func sockopts(mark int, dev string) func(string, string, syscall.RawConn) error 
 	}
 }
 
-func newTestDetector(t *testing.T, ns *netlab.NS, cfg LoopConfig) (*LoopDetector, *logBuffer) {
+func newTestDetector(t *testing.T, ns *netlab.NS, cfg Config) (*Detector, *logBuffer) {
 	t.Helper()
 	log, logs := testLogger(t)
-	var d *LoopDetector
+	var d *Detector
 	// The detector's netlink socket belongs to the namespace it is made in.
 	err := ns.Do(func() (err error) {
-		d, err = NewLoopDetector(cfg, log)
+		d, err = New(cfg, log)
 		return err
 	})
 	if err != nil {
@@ -92,14 +92,14 @@ func TestLoopDetectorKernel(t *testing.T) {
 	defer ln6.Close()
 	r4, r6 := addrPort(ln4.Addr()), addrPort(ln6.Addr())
 
-	marked := LoopConfig{Marks: []uint32{0x2e7}, Tun: netlab.VethName}
-	unmarked := LoopConfig{Marks: []uint32{0x2e7}, Unmarked: true, Tun: netlab.VethName}
+	marked := Config{Marks: []uint32{0x2e7}, Tun: netlab.VethName}
+	unmarked := Config{Marks: []uint32{0x2e7}, Unmarked: true, Tun: netlab.VethName}
 	d, logs := newTestDetector(t, lab.App, marked)
 	du, _ := newTestDetector(t, lab.App, unmarked)
 
 	tests := []struct {
 		name string
-		d    *LoopDetector
+		d    *Detector
 		conn net.Conn
 		dst  netip.AddrPort
 		want bool

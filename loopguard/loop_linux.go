@@ -1,4 +1,4 @@
-package sysroute
+package loopguard
 
 import (
 	"encoding/binary"
@@ -16,11 +16,10 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// NewLoopDetector returns a detector for cfg. It opens two netlink sockets
-// (sock_diag, and rtnetlink to find the TUN) in the calling thread's
-// network namespace, tungate's, where the TUN is or will be; Close
-// releases them.
-func NewLoopDetector(cfg LoopConfig, log *slog.Logger) (*LoopDetector, error) {
+// New returns a detector for cfg. It opens two netlink sockets (sock_diag,
+// and rtnetlink to find the TUN) in the calling thread's network
+// namespace, tungate's, where the TUN is or will be; Close releases them.
+func New(cfg Config, log *slog.Logger) (*Detector, error) {
 	sd, err := newSockDiag(cfg.Tun)
 	if err != nil {
 		return nil, fmt.Errorf("loop detection: %w", err)
