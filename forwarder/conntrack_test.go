@@ -25,6 +25,9 @@ func TestTrackerTCP(t *testing.T) {
 	relay := newTCP(t, TCPConfig{DialTimeout: time.Second, Tracker: tr}, route)
 
 	a := startFlow(t, relay, up)
+	// A flow is tracked once the app's handshake is done, after the
+	// upstream accepted: wait, so that ids follow the order here.
+	waitFor(t, 2*time.Second, "the first flow tracked", func() bool { return tr.Len() == 1 })
 	b := startFlow(t, relay, up)
 	waitFor(t, 2*time.Second, "two tracked flows", func() bool { return tr.Len() == 2 })
 	roundTrip(t, a.app, a.up, "hello")        // 5 bytes up
