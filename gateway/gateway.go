@@ -2,7 +2,6 @@ package gateway
 
 import (
 	"errors"
-	"fmt"
 	"log/slog"
 	"net/netip"
 	"os"
@@ -484,5 +483,3 @@ func (f tcpFlow) Accept() (forwarder.AppConn, error) {
 	}
 	return c, nil
 }
-
-var _ = fmt.Sprint

@@ -161,7 +161,7 @@ func closeDialers(ds []outbound.Dialer) {
 	}
 }
 
-// describeOutbound renders an outbound for logs and doctor.
+// DescribeOutbound renders an outbound for logs and doctor.
 func DescribeOutbound(o configs.Outbound) string {
 	if s, ok := o.Settings.(fmt.Stringer); ok {
 		return s.String()
