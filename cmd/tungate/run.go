@@ -64,13 +64,14 @@ func run(ctx context.Context, cfg *configs.Config, path string, flags *pflag.Fla
 				continue
 			}
 			log.Info("SIGHUP: reloading", "config", path)
-			_ = g.Reload(func() (*configs.Config, error) {
-				next, err := configs.Load(path, flags)
-				if err == nil {
-					setLevel(level, next.Log.Level)
-				}
+			var next *configs.Config
+			err := g.Reload(func() (c *configs.Config, err error) {
+				next, err = configs.Load(path, flags)
 				return next, err
 			})
+			if err == nil {
+				setLevel(level, next.Log.Level) // the gateway logged what it refused
+			}
 		}
 	}
 }
