@@ -10,7 +10,6 @@ import (
 	"os"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -20,25 +19,8 @@ import (
 	"github.com/tungate/tungate/configs"
 	"github.com/tungate/tungate/forwarder"
 	"github.com/tungate/tungate/internal/leakcheck"
+	"github.com/tungate/tungate/internal/testlog"
 )
-
-// logBuffer collects a gateway's log for assertions.
-type logBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *logBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
 
 // loadConfig decodes and validates YAML as `tungate run --config` does.
 func loadConfig(t testing.TB, body string) *configs.Config {
@@ -62,7 +44,7 @@ func loadYAML(t testing.TB, body string) (*configs.Config, error) {
 // running returns a gateway for cfg with its routing step, outbounds and
 // (with dns.enabled) DNS proxy built and marked running, but no TUN,
 // stack or host changes: what Route and Reload need.
-func running(t testing.TB, cfg *configs.Config, log *logBuffer) *Gateway {
+func running(t testing.TB, cfg *configs.Config, log *testlog.Buffer) *Gateway {
 	t.Helper()
 	var w io.Writer = io.Discard
 	if log != nil {
@@ -338,7 +320,7 @@ func TestReload(t *testing.T) {
 	port2 := ln2.Addr().(*net.TCPAddr).Port
 	yaml := func(extra string) string { return strings.Replace(reloadBase, "%d", strconv.Itoa(port2), 1) + extra }
 
-	var log logBuffer
+	var log testlog.Buffer
 	cfg := loadConfig(t, yaml(""))
 	g := running(t, cfg, &log)
 	relay, err := forwarder.NewTCP(forwarder.TCPConfig{DialTimeout: 2 * time.Second, Tracker: g.tracker}, g.routeFlow, nil)

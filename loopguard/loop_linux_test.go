@@ -13,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/tungate/tungate/internal/netlab"
+	"github.com/tungate/tungate/internal/testlog"
 )
 
 // dialFrom opens a TCP connection from the lab's app namespace with the
@@ -50,7 +51,7 @@ func sockopts(mark int, dev string) func(string, string, syscall.RawConn) error 
 	}
 }
 
-func newTestDetector(t *testing.T, ns *netlab.NS, cfg Config) (*Detector, *logBuffer) {
+func newTestDetector(t *testing.T, ns *netlab.NS, cfg Config) (*Detector, *testlog.Buffer) {
 	t.Helper()
 	log, logs := testLogger(t)
 	var d *Detector

@@ -1,7 +1,6 @@
 package loopguard
 
 import (
-	"bytes"
 	"log/slog"
 	"net/netip"
 	"strings"
@@ -9,30 +8,11 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/tungate/tungate/internal/testlog"
 )
 
-// logBuffer collects log lines for assertions.
-type logBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.Write(p)
-}
-
-func (l *logBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.String()
-}
-
-func testLogger(t *testing.T) (*slog.Logger, *logBuffer) {
-	var lb logBuffer
-	return slog.New(slog.NewTextHandler(&lb, &slog.HandlerOptions{Level: slog.LevelDebug})), &lb
-}
+func testLogger(*testing.T) (*slog.Logger, *testlog.Buffer) { return testlog.New() }
 
 type fakeSockets struct {
 	calls atomic.Int32

@@ -225,7 +225,7 @@ func (d *Direct) ListenUDP(ctx context.Context, first Target) (PacketConn, error
 		c.Close()
 		return nil, fmt.Errorf("%s: udp socket for %s: %w", d.cfg.Name, first, err)
 	}
-	u := &directUDP{d: d, conn: c, raw: raw, v6: network == "udp6", iface: iface, dialed: d.dialing(netip.AddrPortFrom(to, first.Addr.Port()))}
+	u := &directUDP{d: d, conn: c, raw: raw, v6: network == "udp6", iface: iface, dialed: sync.OnceFunc(d.dialing(netip.AddrPortFrom(to, first.Addr.Port())))}
 	if firstReal.IsValid() {
 		u.mapFake(first.Addr.Addr(), firstReal)
 	}
@@ -280,7 +280,7 @@ type directUDP struct {
 	raw   syscall.RawConn
 	v6    bool
 	iface string // bound by InterfaceFor and tracked; "" when not
-	// dialed ends the session's report to DirectConfig.Dialing.
+	// dialed ends the session's report to DirectConfig.Dialing, once.
 	dialed func()
 
 	// For fake-ip destinations: placeholder → real address, and back, so

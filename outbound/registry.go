@@ -151,3 +151,21 @@ func Types() []string {
 	sort.Strings(out)
 	return out
 }
+
+// Logger returns the log of the outbound called name: Log with its name
+// attached (nil stays nil: the constructors discard).
+func (d Deps) Logger(name string) *slog.Logger {
+	if d.Log == nil {
+		return nil
+	}
+	return d.Log.With("outbound", name)
+}
+
+// ProxyAddressProblems validates a proxy kind's address key: host:port.
+// That the host is an IP address is the constructor's to say.
+func ProxyAddressProblems(kind, address string) []Problem {
+	if err := CheckHostPort(address); err != nil {
+		return []Problem{{Key: "address", Msg: fmt.Sprintf("%s outbound needs host:port: %v", kind, err)}}
+	}
+	return nil
+}

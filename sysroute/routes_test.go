@@ -10,8 +10,9 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
+
+	"github.com/tungate/tungate/internal/testlog"
 )
 
 // fakeKernel keeps rules and routes in memory with the kernel's matching:
@@ -192,28 +193,7 @@ func (k *fakeKernel) state() string {
 	return b.String()
 }
 
-// logBuffer collects log lines for assertions.
-type logBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.Write(p)
-}
-
-func (l *logBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.String()
-}
-
-func testLogger(t *testing.T) (*slog.Logger, *logBuffer) {
-	var lb logBuffer
-	return slog.New(slog.NewTextHandler(&lb, &slog.HandlerOptions{Level: slog.LevelDebug})), &lb
-}
+func testLogger(*testing.T) (*slog.Logger, *testlog.Buffer) { return testlog.New() }
 
 func journalConfig(t *testing.T) Config {
 	c := baseConfig()

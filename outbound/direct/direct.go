@@ -83,10 +83,7 @@ func (d *Dialer) Close() error {
 // table sends its destination out of, and the flows on an interface that
 // can no longer carry them are ended at once.
 func NewSocket(name string, s outbound.Socket, deps outbound.Deps) (*Dialer, error) {
-	log := deps.Log
-	if log != nil {
-		log = log.With("outbound", name)
-	}
+	log := deps.Logger(name)
 	dc := outbound.DirectConfig{
 		Name: name, Interface: s.Interface, FWMark: s.FWMark,
 		KeepAlive: deps.KeepAlive, Resolver: deps.Resolver, Dialing: deps.Dialing,

@@ -16,23 +16,14 @@ func init() {
 
 // Validate implements outbound.Config. The address's host must be an IP
 // address; New says so when it is a name.
-func (c *Config) Validate() []outbound.Problem {
-	if err := outbound.CheckHostPort(c.Address); err != nil {
-		return []outbound.Problem{{Key: "address", Msg: fmt.Sprintf("%s outbound needs host:port: %v", Type, err)}}
-	}
-	return nil
-}
+func (c *Config) Validate() []outbound.Problem { return outbound.ProxyAddressProblems(Type, c.Address) }
 
 // New implements outbound.Config: the proxy is reached through
 // deps.Transport.
 func (c *Config) New(name string, deps outbound.Deps) (outbound.Dialer, error) {
 	cfg := *c
 	cfg.Name = name
-	log := deps.Log
-	if log != nil {
-		log = log.With("outbound", name)
-	}
-	return New(cfg, deps.Transport, log)
+	return New(cfg, deps.Transport, deps.Logger(name))
 }
 
 // String describes the outbound for doctor.
