@@ -34,6 +34,10 @@ type Log struct {
 	Format string `mapstructure:"format"` // text | json
 }
 
+// MaxInterfaceName is the longest network interface name, in bytes
+// (Linux IFNAMSIZ less its NUL).
+const MaxInterfaceName = 15
+
 // Tun describes the TUN device tungate creates (or adopts, when FD > 0).
 type Tun struct {
 	Name    string         `mapstructure:"name"`

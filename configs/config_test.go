@@ -366,11 +366,11 @@ func TestOutboundEntryDefaults(t *testing.T) {
 		{`{name: d, type: direct, fwmark: "0x2e7"}`, Outbound{Name: "d", Type: "direct", Settings: &direct.Config{FWMark: 743}}},
 		{"{name: d, type: direct, fwmark: 0xffffffff}", Outbound{Name: "d", Type: "direct", Settings: &direct.Config{FWMark: 1<<32 - 1}}},
 		{"{name: d, type: direct, interface: eth0}", Outbound{Name: "d", Type: "direct", Settings: &direct.Config{Interface: "eth0", FWMark: 0x2e7}}},
-		{"{name: s, type: socks5, address: 'h:1080'}", Outbound{Name: "s", Type: "socks5", Settings: &socks5.Config{Address: "h:1080", UDP: true}}},
-		{"{name: s, type: socks5, address: 'h:1080', udp: false}", Outbound{Name: "s", Type: "socks5", Settings: &socks5.Config{Address: "h:1080"}}},
-		{"{name: s, type: socks5, address: 'h:1080', username: u, password: 1234}",
-			Outbound{Name: "s", Type: "socks5", Settings: &socks5.Config{Address: "h:1080", Username: "u", Password: "1234", UDP: true}}},
-		{"{name: w, type: http, address: 'h:8080'}", Outbound{Name: "w", Type: "http", Settings: &httpconnect.Config{Address: "h:8080"}}},
+		{"{name: s, type: socks5, address: '192.0.2.1:1080'}", Outbound{Name: "s", Type: "socks5", Settings: &socks5.Config{Address: "192.0.2.1:1080", UDP: true}}},
+		{"{name: s, type: socks5, address: '192.0.2.1:1080', udp: false}", Outbound{Name: "s", Type: "socks5", Settings: &socks5.Config{Address: "192.0.2.1:1080"}}},
+		{"{name: s, type: socks5, address: '192.0.2.1:1080', username: u, password: 1234}",
+			Outbound{Name: "s", Type: "socks5", Settings: &socks5.Config{Address: "192.0.2.1:1080", Username: "u", Password: "1234", UDP: true}}},
+		{"{name: w, type: http, address: '192.0.2.1:8080'}", Outbound{Name: "w", Type: "http", Settings: &httpconnect.Config{Address: "192.0.2.1:8080"}}},
 		{"{name: r, type: reject}", Outbound{Name: "r", Type: "reject", Settings: &reject.Config{}}},
 	}
 	for _, tc := range tests {
@@ -387,19 +387,20 @@ func TestRuleValueForms(t *testing.T) {
 outbounds: [{name: direct, type: direct}]
 rules:
   - port: [80, "443", "8000-8999", " 10 - 20 "]
-    uid: [0, "1000", "2000-2999"]
     ip_cidr: ["10.0.0.0/8", "fd00::/8"]
     outbound: direct
   - port: 53
     outbound: direct
+route:
+  include_uids: [0, "1000", "2000-2999"]
 `
 	cfg := mustLoad(t, body)
 	r := cfg.Rules[0]
 	if want := []PortRange{{80, 80}, {443, 443}, {8000, 8999}, {10, 20}}; !slices.Equal(r.Port, want) {
 		t.Errorf("rules[0].port = %v, want %v", r.Port, want)
 	}
-	if want := []UIDRange{{0, 0}, {1000, 1000}, {2000, 2999}}; !slices.Equal(r.UID, want) {
-		t.Errorf("rules[0].uid = %v, want %v", r.UID, want)
+	if want := []UIDRange{{0, 0}, {1000, 1000}, {2000, 2999}}; !slices.Equal(cfg.Route.IncludeUIDs, want) {
+		t.Errorf("route.include_uids = %v, want %v", cfg.Route.IncludeUIDs, want)
 	}
 	if want := prefixes("10.0.0.0/8", "fd00::/8"); !slices.Equal(r.IPCIDR, want) {
 		t.Errorf("rules[0].ip_cidr = %v, want %v", r.IPCIDR, want)
@@ -415,7 +416,7 @@ rules:
 // TestLoadReportsProblems checks that each bad input is reported with its
 // full key and a message that says what is wrong.
 func TestLoadReportsProblems(t *testing.T) {
-	const outbounds = "outbounds: [{name: direct, type: direct}, {name: proxy, type: socks5, address: 'p:1080'}]\n"
+	const outbounds = "outbounds: [{name: direct, type: direct}, {name: proxy, type: socks5, address: '192.0.2.1:1080'}]\n"
 	tests := []struct {
 		name, body string
 		key, msg   string // the one expected problem; msg is a substring
@@ -429,6 +430,19 @@ func TestLoadReportsProblems(t *testing.T) {
 		{"bad value of a kind's key", "outbounds: [{name: d, type: direct, fwmark: yes}]", "outbounds[0].fwmark", ""},
 		{"bad proxy address", "outbounds: [{name: p, type: socks5, address: nohost}]", "outbounds[0].address", "needs host:port"},
 		{"wireguard not built", "outbounds: [{name: w, type: wireguard}]", "outbounds[0].type", "not built yet"},
+		// What run would refuse, check refuses (issue 10's check = run).
+		{"uid rule condition", outbounds + "rules: [{uid: [1000], outbound: direct}]", "rules[0].uid", "not supported yet"},
+		{"cgroup rule condition", outbounds + "rules: [{cgroup: [a.slice], outbound: direct}]", "rules[0].cgroup", "not supported yet"},
+		{"route table beyond 32 bits", "route: {table: 4294967297}", "route.table", "outside 1-4294967295"},
+		{"zero udp idle timeout", "stack: {udp: {idle_timeout: 0s}}", "stack.udp.idle_timeout", "greater than 0"},
+		{"zero dns idle timeout", "stack: {udp: {dns_idle_timeout: 0s}}", "stack.udp.dns_idle_timeout", "greater than 0"},
+		{"zero dial timeout", "stack: {tcp: {dial_timeout: 0s}}", "stack.tcp.dial_timeout", "greater than 0"},
+		{"tun name too long", "tun: {name: abcdefghijklmnop}", "tun.name", "at most 15"},
+		{"proxy given by name", "outbounds: [{name: p, type: socks5, address: 'proxy.example:1080'}]", "outbounds[0].address", "must be an IP address"},
+		{"socks5 username over RFC 1929", "outbounds: [{name: p, type: socks5, address: '192.0.2.1:1080', username: '" + strings.Repeat("u", 256) + "'}]", "outbounds[0].username", "RFC 1929 allows 255"},
+		{"http username with a colon", "outbounds: [{name: p, type: http, address: '192.0.2.1:8080', username: 'a:b'}]", "outbounds[0].username", "Basic authentication cannot carry"},
+		{"direct interface name too long", "outbounds: [{name: d, type: direct, interface: abcdefghijklmnop}]", "outbounds[0].interface", "at most 15"},
+		{"fake-ip store in a missing directory", "dns: {mode: fake-ip, fake_ip: {store: /nonexistent/dir/fakeip}}", "dns.fake_ip.store", "does not exist"},
 		{"unknown kind", "outbounds: [{name: w, type: vmess}]", "outbounds[0].type", `want "direct", "http", "reject" or "socks5"`},
 		{"unknown nested key", "dns: {fake_ip: {range: 10.0.0.0/8}}", "dns.fake_ip.range", "unknown key"},
 		{"bad CIDR in rule", outbounds + "rules: [{ip_cidr: [10.0.0.0/33], outbound: direct}]", "rules[0].ip_cidr[0]", `invalid CIDR "10.0.0.0/33"`},

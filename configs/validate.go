@@ -3,9 +3,11 @@ package configs
 import (
 	"fmt"
 	"github.com/tungate/tungate/outbound"
+	"math"
 	"net"
 	"net/netip"
 	"net/url"
+	"os"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -81,6 +83,12 @@ func (p *problemList) nonNegative(key string, d time.Duration) {
 	}
 }
 
+func (p *problemList) positiveDuration(key string, d time.Duration) {
+	if d <= 0 {
+		p.add(key, "must be greater than 0, got %s", d)
+	}
+}
+
 func (p *problemList) positive(key string, n int) {
 	if n <= 0 {
 		p.add(key, "must be greater than 0, got %d", n)
@@ -121,6 +129,9 @@ func (c *Config) validateTun(p *problemList) {
 	if t.Name == "" && t.FD == 0 {
 		p.add("tun.name", "must not be empty unless tun.fd is set")
 	}
+	if len(t.Name) > MaxInterfaceName {
+		p.add("tun.name", "%q is %d bytes, interface names have at most %d", t.Name, len(t.Name), MaxInterfaceName)
+	}
 	if len(t.Address) == 0 {
 		p.add("tun.address", "needs at least one address")
 	}
@@ -147,11 +158,11 @@ func (c *Config) validateTun(p *problemList) {
 func (c *Config) validateStack(p *problemList) {
 	tcp, udp := c.Stack.TCP, c.Stack.UDP
 	p.positive("stack.tcp.max_in_flight", tcp.MaxInFlight)
-	p.nonNegative("stack.tcp.dial_timeout", tcp.DialTimeout)
+	p.positiveDuration("stack.tcp.dial_timeout", tcp.DialTimeout)
 	p.nonNegative("stack.tcp.keepalive", tcp.Keepalive)
 	p.nonNegative("stack.tcp.idle_timeout", tcp.IdleTimeout)
-	p.nonNegative("stack.udp.idle_timeout", udp.IdleTimeout)
-	p.nonNegative("stack.udp.dns_idle_timeout", udp.DNSIdleTimeout)
+	p.positiveDuration("stack.udp.idle_timeout", udp.IdleTimeout)
+	p.positiveDuration("stack.udp.dns_idle_timeout", udp.DNSIdleTimeout)
 	p.positive("stack.udp.max_sessions", udp.MaxSessions)
 	p.oneOf("stack.udp.nat", udp.NAT, "full-cone", "symmetric")
 }
@@ -216,6 +227,14 @@ func (c *Config) validateRules(p *problemList, outbounds map[string]bool) {
 		p.oneOf(key+".network", r.Network, "tcp", "udp", "")
 		validUIDs(p, key+".uid", r.UID)
 		p.nonEmptyEntries(key+".cgroup", r.Cgroup)
+		// The router cannot match them yet: a TUN flow's uid and cgroup
+		// are not looked up.
+		if len(r.UID) > 0 {
+			p.add(key+".uid", "uid conditions are not supported yet (route.include_uids / exclude_uids select apps by uid)")
+		}
+		if len(r.Cgroup) > 0 {
+			p.add(key+".cgroup", "cgroup conditions are not supported yet (route.include_cgroups / exclude_cgroups select apps by cgroup)")
+		}
 		switch {
 		case r.Outbound == "":
 			p.add(key+".outbound", "must name an outbound")
@@ -270,6 +289,12 @@ func (c *Config) validateDNS(p *problemList, outbounds map[string]bool) {
 	}
 	p.nonNegative("dns.fake_ip.ttl", f.TTL)
 	p.nonEmptyEntries("dns.fake_ip.exclude", f.Exclude)
+	if f.Store != "" && c.DNS.Enabled && c.DNS.Mode == DNSModeFakeIP {
+		// The store is created at start, its directory is not.
+		if fi, err := os.Stat(filepath.Dir(f.Store)); err != nil || !fi.IsDir() {
+			p.add("dns.fake_ip.store", "the directory of %q does not exist", f.Store)
+		}
+	}
 
 	for i, u := range d.Upstreams {
 		if err := checkUpstream(u); err != nil {
@@ -347,8 +372,8 @@ func (c *Config) validateRoute(p *problemList) {
 	// 253-255 are the kernel's default, main and local tables: flushing one
 	// of them on exit would break the host's networking.
 	switch {
-	case r.Table <= 0:
-		p.add("route.table", "must be greater than 0, got %d", r.Table)
+	case r.Table <= 0 || r.Table > math.MaxUint32:
+		p.add("route.table", "%d is outside 1-4294967295", r.Table)
 	case r.Table >= 253 && r.Table <= 255:
 		p.add("route.table", "%d is a reserved kernel table (253 default, 254 main, 255 local)", r.Table)
 	}

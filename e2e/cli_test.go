@@ -73,6 +73,18 @@ func TestRunDefault(t *testing.T) {
 	if rules := lab.App.MustRun(t, "ip", "rule"); !strings.Contains(rules, "lookup 2022 proto 231") {
 		t.Errorf("no rule into table 2022 while tungate runs:\n%s", rules)
 	}
+	// SIGHUP (a closed terminal) does not end it: on the embedded default
+	// there is nothing to reload, and it says so and keeps routing.
+	if err := p.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	waitLog(t, p, "nothing to reload", 5*time.Second)
+	if p.Exited() {
+		t.Fatalf("tungate exited on SIGHUP:\n%s", p.Log())
+	}
+	if rules := lab.App.MustRun(t, "ip", "rule"); !strings.Contains(rules, "lookup 2022 proto 231") {
+		t.Errorf("no rule into table 2022 after SIGHUP:\n%s", rules)
+	}
 	if err := p.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}

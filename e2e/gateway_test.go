@@ -128,20 +128,24 @@ func (g *gateway) waitMetric(name string, timeout time.Duration, desc string, co
 }
 
 // stop sends SIGTERM and checks tungate exits 0 within 5 s.
-func (g *gateway) stop() {
+func (g *gateway) stop() { g.stopWith(unix.SIGTERM) }
+
+// stopWith sends sig and checks tungate exits 0 within 5 s.
+func (g *gateway) stopWith(sig unix.Signal) {
 	g.t.Helper()
 	start := time.Now()
-	if err := g.proc.Signal(unix.SIGTERM); err != nil {
-		g.t.Fatalf("SIGTERM: %v", err)
+	name := unix.SignalName(sig)
+	if err := g.proc.Signal(sig); err != nil {
+		g.t.Fatalf("%s: %v", name, err)
 	}
 	exited, err := g.proc.Wait(5 * time.Second)
 	if !exited {
-		g.t.Fatalf("tungate still running 5 s after SIGTERM\n%s", g.proc.Log())
+		g.t.Fatalf("tungate still running 5 s after %s\n%s", name, g.proc.Log())
 	}
 	if err != nil {
-		g.t.Fatalf("tungate exit after SIGTERM: %v\n%s", err, g.proc.Log())
+		g.t.Fatalf("tungate exit after %s: %v\n%s", name, err, g.proc.Log())
 	}
-	g.t.Logf("tungate stopped in %v", time.Since(start).Round(time.Millisecond))
+	g.t.Logf("tungate stopped by %s in %v", name, time.Since(start).Round(time.Millisecond))
 }
 
 func remote4(i int, port int) string {

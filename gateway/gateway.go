@@ -97,19 +97,30 @@ func New(cfg *configs.Config, log *slog.Logger) (*Gateway, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
+	if err := preflight(cfg); err != nil {
+		return nil, err
+	}
 	return &Gateway{log: discardIfNil(log), cfg: cfg, tracker: forwarder.NewTracker()}, nil
+}
+
+// preflight builds what Start would build from cfg alone — the routing
+// step and every outbound — and drops it, so that a configuration Start
+// would refuse before touching the host is refused here. Validate is meant
+// to refuse all of it already (TestCheckEqualsRun holds the two together).
+func preflight(cfg *configs.Config) error {
+	if _, err := newRouting(cfg); err != nil {
+		return err
+	}
+	set, _, err := buildOutbounds(cfg, nil, outbound.Deps{})
+	if err != nil {
+		return err
+	}
+	closeDialers(set.all())
+	return nil
 }
 
 // Tracker returns the connection tracker: every live flow.
 func (g *Gateway) Tracker() *forwarder.Tracker { return g.tracker }
-
-// TUNName returns the TUN device's name once Start has opened it.
-func (g *Gateway) TUNName() string {
-	if g.dev == nil {
-		return ""
-	}
-	return g.dev.Name()
-}
 
 // Start brings the gateway up. On failure everything it started is
 // undone and the gateway is closed.

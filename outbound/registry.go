@@ -161,11 +161,14 @@ func (d Deps) Logger(name string) *slog.Logger {
 	return d.Log.With("outbound", name)
 }
 
-// ProxyAddressProblems validates a proxy kind's address key: host:port.
-// That the host is an IP address is the constructor's to say.
+// ProxyAddressProblems validates a proxy kind's address key: host:port,
+// the host an IP address (see ParseProxyAddress).
 func ProxyAddressProblems(kind, address string) []Problem {
 	if err := CheckHostPort(address); err != nil {
 		return []Problem{{Key: "address", Msg: fmt.Sprintf("%s outbound needs host:port: %v", kind, err)}}
+	}
+	if _, err := ParseProxyAddress(address); err != nil {
+		return []Problem{{Key: "address", Msg: err.Error()}}
 	}
 	return nil
 }

@@ -30,7 +30,8 @@ func setLevel(v *slog.LevelVar, name string) {
 	v.Set(level)
 }
 
-// run runs the gateway until SIGINT or SIGTERM; SIGHUP reloads the
+// run runs the gateway until SIGINT, SIGTERM or SIGQUIT, each of which
+// undoes what it changed on the host; SIGHUP reloads the
 // configuration file at path (the embedded default has none to re-read).
 func run(ctx context.Context, cfg *configs.Config, path string, flags *pflag.FlagSet) error {
 	log, level := newLogger(cfg.Log)
@@ -46,7 +47,7 @@ func run(ctx context.Context, cfg *configs.Config, path string, flags *pflag.Fla
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
-	ctx, stop := signal.NotifyContext(ctx, syscall.SIGINT, syscall.SIGTERM)
+	ctx, stop := signal.NotifyContext(ctx, syscall.SIGINT, syscall.SIGTERM, syscall.SIGQUIT)
 	defer stop()
 	if err := g.Start(); err != nil {
 		return err

@@ -35,8 +35,14 @@ type Config struct {
 	FWMark uint32 `mapstructure:"fwmark"`
 }
 
-// Validate implements outbound.Config: every value decodes to a valid one.
-func (c *Config) Validate() []outbound.Problem { return nil }
+// Validate implements outbound.Config.
+func (c *Config) Validate() []outbound.Problem {
+	// Linux IFNAMSIZ less its NUL: a longer name can name no interface.
+	if len(c.Interface) > 15 {
+		return []outbound.Problem{{Key: "interface", Msg: fmt.Sprintf("%q is %d bytes, interface names have at most 15", c.Interface, len(c.Interface))}}
+	}
+	return nil
+}
 
 // Socket implements outbound.SocketOwner.
 func (c *Config) Socket() outbound.Socket {

@@ -28,15 +28,24 @@ func (c Config) validate() (netip.AddrPort, error) {
 	if err != nil {
 		return netip.AddrPort{}, err
 	}
-	switch {
-	case strings.Contains(c.Username, ":"):
-		return netip.AddrPort{}, errors.New("username contains ':', which Basic authentication cannot carry")
-	case strings.ContainsFunc(c.Username+c.Password, isCTL):
-		return netip.AddrPort{}, errors.New("username or password contains a control character")
-	case c.Username == "" && c.Password != "":
-		return netip.AddrPort{}, errors.New("password without a username")
+	if _, err := c.credentialsProblem(); err != nil {
+		return netip.AddrPort{}, err
 	}
 	return server, nil
+}
+
+// credentialsProblem says what is wrong with the credentials (what Basic
+// authentication can carry), and under which key.
+func (c Config) credentialsProblem() (key string, err error) {
+	switch {
+	case strings.Contains(c.Username, ":"):
+		return "username", errors.New("username contains ':', which Basic authentication cannot carry")
+	case strings.ContainsFunc(c.Username+c.Password, isCTL):
+		return "username", errors.New("username or password contains a control character")
+	case c.Username == "" && c.Password != "":
+		return "password", errors.New("password without a username")
+	}
+	return "", nil
 }
 
 // isCTL reports an ASCII control character.

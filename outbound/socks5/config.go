@@ -32,13 +32,22 @@ func (c Config) validate() (netip.AddrPort, error) {
 	if err != nil {
 		return netip.AddrPort{}, err
 	}
-	switch {
-	case len(c.Username) > 255:
-		return netip.AddrPort{}, fmt.Errorf("username is %d bytes, RFC 1929 allows 255", len(c.Username))
-	case len(c.Password) > 255:
-		return netip.AddrPort{}, fmt.Errorf("password is %d bytes, RFC 1929 allows 255", len(c.Password))
-	case c.Username == "" && c.Password != "":
-		return netip.AddrPort{}, errors.New("password without a username")
+	if _, err := c.credentialsProblem(); err != nil {
+		return netip.AddrPort{}, err
 	}
 	return server, nil
+}
+
+// credentialsProblem says what is wrong with the credentials (RFC 1929),
+// and under which key.
+func (c Config) credentialsProblem() (key string, err error) {
+	switch {
+	case len(c.Username) > 255:
+		return "username", fmt.Errorf("username is %d bytes, RFC 1929 allows 255", len(c.Username))
+	case len(c.Password) > 255:
+		return "password", fmt.Errorf("password is %d bytes, RFC 1929 allows 255", len(c.Password))
+	case c.Username == "" && c.Password != "":
+		return "password", errors.New("password without a username")
+	}
+	return "", nil
 }

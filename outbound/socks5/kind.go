@@ -14,9 +14,14 @@ func init() {
 	outbound.Register(outbound.Kind{Type: Type, NewConfig: func() outbound.Config { return &Config{UDP: true} }})
 }
 
-// Validate implements outbound.Config. The address's host must be an IP
-// address; New says so when it is a name.
-func (c *Config) Validate() []outbound.Problem { return outbound.ProxyAddressProblems(Type, c.Address) }
+// Validate implements outbound.Config: everything New would refuse.
+func (c *Config) Validate() []outbound.Problem {
+	problems := outbound.ProxyAddressProblems(Type, c.Address)
+	if key, err := c.credentialsProblem(); err != nil {
+		problems = append(problems, outbound.Problem{Key: key, Msg: err.Error()})
+	}
+	return problems
+}
 
 // New implements outbound.Config: the proxy is reached through
 // deps.Transport.
