@@ -81,6 +81,9 @@ type UDPStats struct {
 	RefusedByOutbound               atomic.Uint64
 	Active                          atomic.Int64
 	PacketsUp, PacketsDown, Dropped atomic.Uint64
+	// BytesUp and BytesDown count UDP payload bytes sent upstream and
+	// delivered to apps.
+	BytesUp, BytesDown atomic.Uint64
 }
 
 type udpKey struct {
@@ -484,6 +487,7 @@ func (s *udpSession) sendBatch() {
 		bytes += uint64(len(d.Payload))
 	}
 	s.tracked.up.Add(bytes)
+	st.BytesUp.Add(bytes)
 	if dropped := len(batch) - sent; dropped > 0 {
 		st.Dropped.Add(uint64(dropped))
 		s.table.log.Debug("udp send", "outbound", s.dialer.Name(), "src", s.src, "dropped", dropped, "err", err)
@@ -546,6 +550,7 @@ func (s *udpSession) write(dst netip.AddrPort, payload []byte) {
 		return
 	}
 	s.table.stats.PacketsUp.Add(1)
+	s.table.stats.BytesUp.Add(uint64(len(payload)))
 	s.tracked.up.Add(uint64(len(payload)))
 }
 
@@ -571,6 +576,7 @@ func (s *udpSession) readLoop() {
 			continue
 		}
 		t.stats.PacketsDown.Add(1)
+		t.stats.BytesDown.Add(uint64(n))
 		s.tracked.down.Add(uint64(n))
 	}
 }
