@@ -13,6 +13,7 @@ import (
 	"net/url"
 	"runtime/metrics"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -96,7 +97,9 @@ func (s *Server) auth(next http.Handler) http.Handler {
 	token := []byte(s.cfg.Secret)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		ok := subtle.ConstantTimeCompare([]byte(r.Header.Get("Authorization")), bearer) == 1
-		if !ok && r.URL.Query().Has("token") {
+		// A browser cannot set headers on a WebSocket: there, and only
+		// there, the token may come in the URL.
+		if !ok && strings.EqualFold(r.Header.Get("Upgrade"), "websocket") && r.URL.Query().Has("token") {
 			ok = subtle.ConstantTimeCompare([]byte(r.URL.Query().Get("token")), token) == 1
 		}
 		if !ok {

@@ -124,8 +124,8 @@ func TestVersionAndAuth(t *testing.T) {
 	if resp, _ := call(t, ts, "GET", "/version", "", false); resp.StatusCode != http.StatusUnauthorized {
 		t.Errorf("GET /version without the bearer: %d, want 401", resp.StatusCode)
 	}
-	if resp, _ := call(t, ts, "GET", "/version?token=wrong", "", false); resp.StatusCode != http.StatusUnauthorized {
-		t.Errorf("GET /version with a wrong token: %d, want 401", resp.StatusCode)
+	if resp, _ := call(t, ts, "GET", "/version?token="+secret, "", false); resp.StatusCode != http.StatusUnauthorized {
+		t.Errorf("GET /version with ?token= and no WebSocket: %d, want 401 (the token goes in the URL only where headers cannot)", resp.StatusCode)
 	}
 	resp, body := call(t, ts, "GET", "/version", "", true)
 	var v struct {
@@ -175,6 +175,9 @@ func TestStreams(t *testing.T) {
 
 	if _, _, err := websocket.Dial(ctx, wsURL+"/traffic", nil); err == nil {
 		t.Error("a WebSocket without the token was accepted")
+	}
+	if _, _, err := websocket.Dial(ctx, wsURL+"/traffic?token=wrong", nil); err == nil {
+		t.Error("a WebSocket with a wrong token was accepted")
 	}
 	c, _, err := websocket.Dial(ctx, wsURL+"/traffic?token="+secret, nil)
 	if err != nil {

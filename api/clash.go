@@ -97,7 +97,9 @@ type NATEntry struct {
 	Outbound string    `json:"outbound"`
 	First    string    `json:"firstDestination"`
 	Host     string    `json:"host"`
-	Start    time.Time `json:"start"`
+	Local    string    `json:"upstreamLocal"`
+	Remotes  int       `json:"remotes"`
+	LastSeen time.Time `json:"lastSeen"`
 	Upload   uint64    `json:"upload"`
 	Download uint64    `json:"download"`
 }

@@ -11,6 +11,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"strconv"
 	"strings"
@@ -234,14 +235,19 @@ func TestAPIDashboardContract(t *testing.T) {
 		t.Error("/memory: inuse 0")
 	}
 	lc := g.websocketTo(ctx, "/logs?level=debug")
-	go func() { // a new flow logs at debug level
-		if c, err := lab.App.DialTimeout("tcp", remote4(3, 7), 2*time.Second); err == nil {
-			c.Close()
+	logged, stopFlows := context.WithCancel(ctx)
+	go func() { // new flows log at debug level, until the stream shows one
+		for logged.Err() == nil {
+			if c, err := lab.App.DialTimeout("tcp", remote4(3, 7), 2*time.Second); err == nil {
+				c.Close()
+			}
+			time.Sleep(100 * time.Millisecond)
 		}
 	}()
 	if l := readJSON[struct{ Type, Payload string }](t, ctx, lc, "/logs frame"); l.Type == "" || l.Payload == "" {
 		t.Errorf("/logs frame: %+v", l)
 	}
+	stopFlows()
 
 	// DELETE /connections/{id}: the app's socket fails with a reset within
 	// 100 ms.
@@ -264,6 +270,36 @@ func TestAPIDashboardContract(t *testing.T) {
 	}
 	if d := time.Since(deleted); d > 100*time.Millisecond {
 		t.Errorf("the reset took %v after DELETE, want < 100 ms", d)
+	}
+
+	// GET /nat: a UDP mapping with its upstream socket and the remotes
+	// that answered; GET /explain: the routing step for a destination.
+	lab.Wan.UDPEcho(t, remote4(1, 9))
+	uc := listenApp(t, lab, "udp4")
+	if _, err := uc.WriteToUDPAddrPort([]byte("ping"), netip.MustParseAddrPort(remote4(1, 9))); err != nil {
+		t.Fatal(err)
+	}
+	if got, _, err := readFrom(uc, 3*time.Second); err != nil || string(got) != "ping" {
+		t.Fatalf("UDP echo: %q, %v", got, err)
+	}
+	code, body := g.apiCall("GET", "/nat", "", true)
+	var nat struct {
+		Mappings []struct {
+			Source, Outbound, FirstDestination, UpstreamLocal string
+			Remotes                                           int
+			Upload, Download                                  uint64
+		}
+	}
+	if code != 200 || json.Unmarshal([]byte(body), &nat) != nil || len(nat.Mappings) != 1 {
+		t.Fatalf("GET /nat: %d %s", code, body)
+	}
+	appPort := uc.LocalAddr().(*net.UDPAddr).Port
+	if m := nat.Mappings[0]; !strings.HasSuffix(m.Source, ":"+strconv.Itoa(appPort)) || m.Outbound != "direct" || m.FirstDestination != remote4(1, 9) ||
+		m.UpstreamLocal == "" || m.Remotes != 1 || m.Upload != 4 || m.Download != 4 {
+		t.Errorf("GET /nat mapping: %+v", m)
+	}
+	if code, body := g.apiCall("GET", "/explain?dst="+remote4(2, 7)+"&network=tcp", "", true); code != 200 || !strings.Contains(body, `"Outbound":"block"`) {
+		t.Errorf("GET /explain for remote 2: %d %s, want outbound block", code, body)
 	}
 
 	// PATCH /configs {"mode":"direct"}: new flows go direct, past the rule

@@ -352,12 +352,14 @@ func (b apiBackend) QueryDNS(ctx context.Context, name, qtype string) (any, erro
 }
 
 func (b apiBackend) NAT() []api.NATEntry {
-	var out []api.NATEntry
-	for _, c := range b.g.tracker.Snapshot() {
-		if c.Network != "udp" {
-			continue
+	ms := b.g.udp.Mappings()
+	out := make([]api.NATEntry, len(ms))
+	for i, m := range ms {
+		out[i] = api.NATEntry{
+			ID: strconv.FormatUint(m.ID, 10), Source: m.Src.String(), Outbound: m.Outbound,
+			First: m.First.String(), Host: m.Domain, Local: m.Local, Remotes: m.Remotes,
+			LastSeen: m.LastSeen, Upload: m.Up, Download: m.Down,
 		}
-		out = append(out, api.NATEntry{ID: strconv.FormatUint(c.ID, 10), Source: c.Src, Outbound: c.Outbound, First: c.Dst, Host: c.Domain, Start: c.Start, Upload: c.Upload, Download: c.Download})
 	}
 	return out
 }
