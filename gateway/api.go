@@ -301,6 +301,18 @@ func (b apiBackend) FlushDNSCache() error {
 	return nil
 }
 
+func (b apiBackend) FlushFakeIP() error {
+	if b.g.dns == nil {
+		return errors.New("DNS is off (dns.enabled: false)")
+	}
+	n, err := b.g.dns.FlushFakeIP()
+	if err != nil {
+		return err
+	}
+	b.g.log.Info("api: fake-ip mappings flushed", "mappings", n)
+	return nil
+}
+
 // QueryDNS asks the DNS proxy as an app would and renders the answer as
 // Clash's /dns/query does.
 func (b apiBackend) QueryDNS(ctx context.Context, name, qtype string) (any, error) {
