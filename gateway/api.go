@@ -57,7 +57,7 @@ func (b apiBackend) Connections() api.Snapshot {
 	conns := b.g.tracker.Snapshot()
 	s := api.Snapshot{UploadTotal: up, DownloadTotal: down, Connections: make([]api.Connection, len(conns)), Memory: goMemory()}
 	dnsMode := "normal"
-	if b.g.cfg.DNS.Enabled && b.g.cfg.DNS.Mode == "fake-ip" {
+	if cfg := b.g.running().routing.cfg; cfg.DNS.Enabled && cfg.DNS.Mode == "fake-ip" {
 		dnsMode = "fake-ip"
 	}
 	for i, c := range conns {
