@@ -37,7 +37,7 @@ func newRootCmd() *cobra.Command {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(newRunCmd(), newCheckCmd(), newCleanupCmd(), newDoctorCmd(), newVersionCmd())
+	root.AddCommand(newRunCmd(), newCheckCmd(), newCleanupCmd(), newDoctorCmd(), newStatusCmd(), newVersionCmd())
 	return root
 }
 
