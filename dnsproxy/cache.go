@@ -161,3 +161,11 @@ func cacheTTL(m *dns.Msg) (ttl time.Duration, ok bool) {
 	}
 	return 0, false
 }
+
+// flush drops every answer.
+func (c *answerCache) flush() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	clear(c.entries)
+	c.lru.Init()
+}

@@ -636,3 +636,7 @@ func (p *Proxy) Resolve(ctx context.Context, name string, ipv6 bool) ([]netip.Ad
 	}
 	return nil, fmt.Errorf("resolve %s: %w", name, ErrNoSuchHost)
 }
+
+// FlushCache drops every cached answer: the next query for each name goes
+// upstream. Fake-ip mappings are kept.
+func (p *Proxy) FlushCache() { p.cache.flush() }

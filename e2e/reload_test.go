@@ -100,15 +100,22 @@ func (g *gateway) running(what string) {
 	g.t.Fatalf("%s: tungate exited (%v)", what, err) // netlab prints its log
 }
 
+// replaceConfig puts the file at path in place of tungate's config file,
+// in one rename as an editor or a configuration manager does.
+func (g *gateway) replaceConfig(path string) {
+	g.t.Helper()
+	if err := os.Rename(path, g.config); err != nil {
+		g.t.Fatal(err)
+	}
+}
+
 // reload replaces tungate's config file with the file at path, in one
 // rename as an editor or a configuration manager does, and sends SIGHUP.
 // It returns how much tungate had logged before: the mark from which
 // reloaded reads.
 func (g *gateway) reload(path string) (mark int) {
 	g.t.Helper()
-	if err := os.Rename(path, g.config); err != nil {
-		g.t.Fatal(err)
-	}
+	g.replaceConfig(path)
 	mark = len(g.proc.Log())
 	if err := g.proc.Signal(unix.SIGHUP); err != nil {
 		g.t.Fatalf("SIGHUP: %v", err)

@@ -32,6 +32,12 @@ func TestTrackerTCP(t *testing.T) {
 	waitFor(t, 2*time.Second, "two tracked flows", func() bool { return tr.Len() == 2 })
 	roundTrip(t, a.app, a.up, "hello")        // 5 bytes up
 	roundTrip(t, a.up, a.app, "hello, world") // 12 bytes down
+	// The relay counts a read after writing it on: the peer may have the
+	// bytes a moment before the counter does.
+	waitFor(t, 2*time.Second, "the first flow's bytes counted", func() bool {
+		s := tr.Snapshot()
+		return len(s) == 2 && s[0].Upload == 5 && s[0].Download == 12
+	})
 	snap := tr.Snapshot()
 	if len(snap) != 2 || snap[0].ID >= snap[1].ID {
 		t.Fatalf("Snapshot = %+v, want two flows, oldest first with increasing ids", snap)
@@ -61,6 +67,10 @@ func TestTrackerTCP(t *testing.T) {
 		t.Error("Close of an ended flow = true")
 	}
 	roundTrip(t, b.app, b.up, "still here")
+	waitFor(t, 2*time.Second, "the second flow's bytes counted", func() bool {
+		s := tr.Snapshot()
+		return len(s) == 1 && s[0].Upload == 10
+	})
 	if got := tr.Snapshot(); len(got) != 1 || got[0].ID != snap[1].ID || got[0].Upload != 10 {
 		t.Errorf("after Close: %+v, want the second flow with 10 bytes up", got)
 	}
@@ -103,7 +113,10 @@ func TestTrackerUDP(t *testing.T) {
 	defer table.Close()
 	table.Handle(ap("10.0.0.1:1000"), ap("10.9.0.1:53"), []byte("abc"))
 	table.Flush()
-	waitFor(t, 2*time.Second, "the echo", func() bool { return len(rec.received()) == 1 })
+	waitFor(t, 2*time.Second, "the echo, counted", func() bool {
+		s := tr.Snapshot()
+		return len(rec.received()) == 1 && len(s) == 1 && s[0].Download == 3
+	})
 	snap := tr.Snapshot()
 	if len(snap) != 1 || snap[0].Network != "udp" || snap[0].Upload != 3 || snap[0].Download != 3 || snap[0].Outbound != "fake" {
 		t.Fatalf("Snapshot = %+v, want one udp session with 3 bytes each way", snap)

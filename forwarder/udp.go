@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"net"
 	"net/netip"
 	"sync"
 	"sync/atomic"
@@ -81,6 +82,9 @@ type UDPStats struct {
 	RefusedByOutbound               atomic.Uint64
 	Active                          atomic.Int64
 	PacketsUp, PacketsDown, Dropped atomic.Uint64
+	// BytesUp and BytesDown count UDP payload bytes sent upstream and
+	// delivered to apps.
+	BytesUp, BytesDown atomic.Uint64
 }
 
 type udpKey struct {
@@ -298,6 +302,10 @@ type udpSession struct {
 	idle     time.Duration
 	last     atomic.Int64
 	tracked  *Conn // the tracker's entry (a detached one when untracked)
+	// remotes counts the distinct remotes that answered (up to
+	// maxRemotesCounted), for /nat; only readLoop writes seen.
+	remotes atomic.Int32
+	seen    map[netip.AddrPort]struct{}
 
 	// opened mirrors conn != nil && !closed, for send to read without
 	// the lock per datagram.
@@ -484,6 +492,7 @@ func (s *udpSession) sendBatch() {
 		bytes += uint64(len(d.Payload))
 	}
 	s.tracked.up.Add(bytes)
+	st.BytesUp.Add(bytes)
 	if dropped := len(batch) - sent; dropped > 0 {
 		st.Dropped.Add(uint64(dropped))
 		s.table.log.Debug("udp send", "outbound", s.dialer.Name(), "src", s.src, "dropped", dropped, "err", err)
@@ -546,6 +555,7 @@ func (s *udpSession) write(dst netip.AddrPort, payload []byte) {
 		return
 	}
 	s.table.stats.PacketsUp.Add(1)
+	s.table.stats.BytesUp.Add(uint64(len(payload)))
 	s.tracked.up.Add(uint64(len(payload)))
 }
 
@@ -565,12 +575,22 @@ func (s *udpSession) readLoop() {
 			continue
 		}
 		s.touch()
+		if len(s.seen) < maxRemotesCounted {
+			if _, ok := s.seen[from]; !ok {
+				if s.seen == nil {
+					s.seen = make(map[netip.AddrPort]struct{})
+				}
+				s.seen[from] = struct{}{}
+				s.remotes.Store(int32(len(s.seen)))
+			}
+		}
 		if err := t.reply(buf[:n], from, s.src); err != nil {
 			t.stats.Dropped.Add(1)
 			t.log.Debug("udp reply", "src", from, "dst", s.src, "err", err)
 			continue
 		}
 		t.stats.PacketsDown.Add(1)
+		t.stats.BytesDown.Add(uint64(n))
 		s.tracked.down.Add(uint64(n))
 	}
 }
@@ -596,4 +616,50 @@ func (s *udpSession) close() {
 	if s.release != nil {
 		s.release()
 	}
+}
+
+// maxRemotesCounted bounds the remotes a mapping remembers for /nat.
+const maxRemotesCounted = 1024
+
+// Mapping is one NAT table entry, as GET /nat shows it.
+type Mapping struct {
+	Src      netip.AddrPort
+	First    netip.AddrPort // the destination that opened it
+	Domain   string
+	Outbound string
+	// Local is the upstream socket's local address, when the outbound
+	// has one of its own (direct); "" otherwise.
+	Local string
+	// Remotes counts the distinct remotes that answered (at most 1024).
+	Remotes  int
+	LastSeen time.Time
+	ID       uint64 // the tracker's id, 0 when untracked
+	Up, Down uint64
+}
+
+type localAddresser interface{ LocalAddr() net.Addr }
+
+// Mappings returns the live mappings.
+func (t *UDPTable) Mappings() []Mapping {
+	t.mu.Lock()
+	sessions := make([]*udpSession, 0, len(t.sessions))
+	for _, s := range t.sessions {
+		sessions = append(sessions, s)
+	}
+	t.mu.Unlock()
+	out := make([]Mapping, 0, len(sessions))
+	for _, s := range sessions {
+		m := Mapping{
+			Src: s.src, First: s.dst, Domain: s.domain, Outbound: s.dialer.Name(),
+			Remotes: int(s.remotes.Load()), LastSeen: time.Unix(0, s.last.Load()),
+			ID: s.tracked.id, Up: s.tracked.up.Load(), Down: s.tracked.down.Load(),
+		}
+		s.mu.Lock()
+		if la, ok := s.conn.(localAddresser); ok {
+			m.Local = la.LocalAddr().String()
+		}
+		s.mu.Unlock()
+		out = append(out, m)
+	}
+	return out
 }

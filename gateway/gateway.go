@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
+	"runtime/metrics"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -50,7 +51,14 @@ const shutdownHandshakeWait = 2 * time.Second
 // then the relays (open flows reset), the DNS proxy, the device and the
 // stack, then the rest. Start, Reload and Close are serialised.
 type Gateway struct {
-	log *slog.Logger
+	log  *slog.Logger
+	deps Deps
+
+	// mode is the Clash API's: "rule" (the rules), "global" (every flow
+	// to the GLOBAL selection) or "direct" (every flow to the first
+	// direct outbound). Both survive reloads.
+	mode   atomic.Pointer[string]
+	global atomic.Pointer[string]
 
 	mu      sync.Mutex // serialises Start, Reload and Close
 	state   state
@@ -86,11 +94,42 @@ const (
 type table struct {
 	routing   *routing
 	outbounds map[string]outbound.Dialer
+	// direct is the first outbound that owns sockets ("direct" mode's
+	// outbound), "" when there is none.
+	direct string
+}
+
+// newTable is the table of cfg over its built outbounds.
+func newTable(cfg *configs.Config, r *routing, dialers map[string]outbound.Dialer) *table {
+	t := &table{routing: r, outbounds: dialers}
+	for _, o := range cfg.Outbounds {
+		if _, ok := o.Settings.(outbound.SocketOwner); ok {
+			t.direct = o.Name
+			break
+		}
+	}
+	return t
+}
+
+// Deps is what a gateway is given besides its configuration.
+type Deps struct {
+	// Log is the logger; nil discards.
+	Log *slog.Logger
+	// Logs, when set, feeds the API's /logs stream (Log should write
+	// through it).
+	Logs *api.LogHub
+	// Level, when set, is Log's level, which the API may change.
+	Level *slog.LevelVar
+	// Version names this tungate in the API.
+	Version string
+	// Load re-reads the configuration file; nil when there is none (the
+	// embedded default). The API's PUT /configs reloads through it.
+	Load func() (*configs.Config, error)
 }
 
 // New returns a gateway for cfg (validated by configs.Load). It opens
-// nothing: Start does. log may be nil.
-func New(cfg *configs.Config, log *slog.Logger) (*Gateway, error) {
+// nothing: Start does.
+func New(cfg *configs.Config, deps Deps) (*Gateway, error) {
 	if cfg == nil {
 		return nil, errors.New("gateway: no configuration")
 	}
@@ -100,7 +139,10 @@ func New(cfg *configs.Config, log *slog.Logger) (*Gateway, error) {
 	if err := preflight(cfg); err != nil {
 		return nil, err
 	}
-	return &Gateway{log: discardIfNil(log), cfg: cfg, tracker: forwarder.NewTracker()}, nil
+	g := &Gateway{log: discardIfNil(deps.Log), deps: deps, cfg: cfg, tracker: forwarder.NewTracker()}
+	rule := modeRule
+	g.mode.Store(&rule)
+	return g, nil
 }
 
 // preflight builds what Start would build from cfg alone — the routing
@@ -150,7 +192,7 @@ func (g *Gateway) Start() (err error) {
 	if err != nil {
 		return err
 	}
-	g.current.Store(&table{routing: r, outbounds: g.outs.dialers})
+	g.current.Store(newTable(cfg, r, g.outs.dialers))
 
 	if cfg.DNS.Enabled {
 		g.dnsOut.set(g.outs.dialers[cfg.DNSOutbound()])
@@ -206,7 +248,7 @@ func (g *Gateway) Start() (err error) {
 	g.stack.Start(func(err error) bool { return errors.Is(err, tun.ErrClosed) || errors.Is(err, os.ErrClosed) })
 
 	if cfg.API.Listen != "" {
-		g.api, err = api.New(api.Config{Listen: cfg.API.Listen, Secret: cfg.API.Secret}, g.metrics(), g.log.With("component", "api"))
+		g.api, err = api.New(api.Config{Listen: cfg.API.Listen, Secret: cfg.API.Secret, Logs: g.deps.Logs}, g.metrics(), apiBackend{g}, g.log.With("component", "api"))
 		if err != nil {
 			return err
 		}
@@ -309,7 +351,28 @@ func (g *Gateway) route(m Meta) (Decision, outbound.Dialer) {
 		d.Loop, d.Outbound, d.Chain = true, loopRefusal{}.Name(), []string{loopRefusal{}.Name()}
 		return d, loopRefusal{}
 	}
+	switch *g.mode.Load() {
+	case modeGlobal:
+		if name := g.globalChoice(t); name != "" {
+			d.Outbound, d.Rule, d.RuleName, d.RulePayload, d.Chain = name, -1, modeGlobal, "", []string{name}
+		}
+	case modeDirect:
+		if t.direct != "" {
+			d.Outbound, d.Rule, d.RuleName, d.RulePayload, d.Chain = t.direct, -1, modeDirect, "", []string{t.direct}
+		}
+	}
 	return d, t.outbounds[d.Outbound]
+}
+
+// globalChoice is the GLOBAL selection, or the final outbound when none
+// was made or the chosen one is gone.
+func (g *Gateway) globalChoice(t *table) string {
+	if p := g.global.Load(); p != nil {
+		if _, ok := t.outbounds[*p]; ok {
+			return *p
+		}
+	}
+	return t.routing.cfg.FinalOutbound()
 }
 
 // routeFlow is the relays' forwarder.Route.
@@ -493,4 +556,15 @@ func (f tcpFlow) Accept() (forwarder.AppConn, error) {
 		return nil, err
 	}
 	return c, nil
+}
+
+// goMemory is the memory the Go runtime holds from the OS, for the API
+// (runtime/metrics: no stop-the-world, unlike ReadMemStats).
+func goMemory() uint64 {
+	s := []metrics.Sample{{Name: "/memory/classes/total:bytes"}, {Name: "/memory/classes/heap/released:bytes"}}
+	metrics.Read(s)
+	if s[0].Value.Kind() != metrics.KindUint64 || s[1].Value.Kind() != metrics.KindUint64 {
+		return 0
+	}
+	return s[0].Value.Uint64() - s[1].Value.Uint64()
 }

@@ -50,7 +50,7 @@ func running(t testing.TB, cfg *configs.Config, log *testlog.Buffer) *Gateway {
 	if log != nil {
 		w = log
 	}
-	g, err := New(cfg, slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug})))
+	g, err := New(cfg, Deps{Log: slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug}))})
 	if err != nil {
 		t.Fatalf("New: %v", err)
 	}
@@ -61,7 +61,7 @@ func running(t testing.TB, cfg *configs.Config, log *testlog.Buffer) *Gateway {
 	if err != nil {
 		t.Fatalf("newRouting: %v", err)
 	}
-	g.current.Store(&table{routing: r, outbounds: g.outs.dialers})
+	g.current.Store(newTable(cfg, r, g.outs.dialers))
 	if cfg.DNS.Enabled {
 		g.dnsOut.set(g.outs.dialers[cfg.DNSOutbound()])
 		if g.dns, err = newDNSProxy(cfg, &g.dnsOut, nil); err != nil {
@@ -424,7 +424,7 @@ outbounds: [{name: d, type: direct, interface: lo}]
 dns: {enabled: false}
 route: {auto: false, journal: ""}
 `)
-	g, err := New(cfg, nil)
+	g, err := New(cfg, Deps{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -442,7 +442,7 @@ route: {auto: false, journal: ""}
 	if err := g.Reload(func() (*configs.Config, error) { return cfg, nil }); err == nil {
 		t.Error("Reload of a closed gateway succeeded")
 	}
-	if _, err := New(nil, nil); err == nil {
+	if _, err := New(nil, Deps{}); err == nil {
 		t.Error("New(nil) succeeded")
 	}
 }

@@ -53,7 +53,7 @@ route: {auto: false}
 		case tc.key != "" && (checkErr == nil || !strings.Contains(checkErr.Error(), tc.key+":")):
 			t.Errorf("%s: check %v; want it refused under %s", tc.name, checkErr, tc.key)
 		}
-		if _, err := New(cfg, nil); (err == nil) != (tc.key == "") {
+		if _, err := New(cfg, Deps{}); (err == nil) != (tc.key == "") {
 			t.Errorf("%s: gateway.New %v; want it to agree with check (%v)", tc.name, err, checkErr)
 		}
 	}

@@ -3,6 +3,7 @@ package gateway
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"reflect"
 	"slices"
 
@@ -13,7 +14,7 @@ import (
 // (the TUN, the stack, routes, the API, the DNS proxy's own settings)
 // belongs to something that runs for the process's life: a change to one
 // is logged as needing a restart and the running value stays. log.level
-// is the caller's (its logger).
+// is applied to the Level of Deps.
 var liveKeys = []string{"outbounds", "rules", "final", "dns.hijack", "dns.outbound", "log.level"}
 
 // Reload re-reads the configuration through load and applies it: the
@@ -87,7 +88,7 @@ func (g *Gateway) apply(next *configs.Config) error {
 	if err != nil {
 		return err
 	}
-	g.current.Store(&table{routing: r, outbounds: set.dialers})
+	g.current.Store(newTable(&effective, r, set.dialers))
 	if g.dns != nil {
 		g.dnsOut.set(set.dialers[effective.DNSOutbound()])
 	}
@@ -100,6 +101,12 @@ func (g *Gateway) apply(next *configs.Config) error {
 		}
 	}
 	g.outs, g.cfg = set, &effective
+	if g.deps.Level != nil {
+		var l slog.Level
+		if l.UnmarshalText([]byte(effective.Log.Level)) == nil {
+			g.deps.Level.Set(l)
+		}
+	}
 	g.log.Info("config reloaded", "outbounds", len(set.dialers), "outbounds_kept", kept, "rules", len(effective.Rules), "flows_reset", ended)
 	if g.reloads != nil {
 		g.reloads.WithLabelValues("applied").Inc()

@@ -406,3 +406,6 @@ func (u *directUDP) bound() (string, bool) { return u.iface, u.v6 }
 // end closes the socket: the pending ReadPacket fails and the session
 // ends.
 func (u *directUDP) end() { u.conn.Close() }
+
+// LocalAddr is the session's socket address, for /nat.
+func (u *directUDP) LocalAddr() net.Addr { return u.conn.LocalAddr() }

@@ -24,7 +24,7 @@ func newCleanupCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			log, _ := newLogger(cfg.Log)
+			log, _, _ := newLogger(cfg.Log)
 			n, restored, err := gateway.Cleanup(cfg, log)
 			if err != nil {
 				return err

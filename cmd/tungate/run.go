@@ -9,19 +9,23 @@ import (
 
 	"github.com/spf13/pflag"
 
+	"github.com/tungate/tungate/api"
 	"github.com/tungate/tungate/configs"
 	"github.com/tungate/tungate/gateway"
 )
 
-// newLogger returns the process logger and the level a reload may change.
-func newLogger(cfg configs.Log) (*slog.Logger, *slog.LevelVar) {
+// newLogger returns the process logger, the level a reload or the API may
+// change, and the hub that copies records to the API's /logs streams.
+func newLogger(cfg configs.Log) (*slog.Logger, *slog.LevelVar, *api.LogHub) {
 	level := new(slog.LevelVar)
 	setLevel(level, cfg.Level)
 	opts := &slog.HandlerOptions{Level: level}
+	var h slog.Handler = slog.NewTextHandler(os.Stderr, opts)
 	if cfg.Format == "json" {
-		return slog.New(slog.NewJSONHandler(os.Stderr, opts)), level
+		h = slog.NewJSONHandler(os.Stderr, opts)
 	}
-	return slog.New(slog.NewTextHandler(os.Stderr, opts)), level
+	hub := api.NewLogHub(h)
+	return slog.New(hub), level, hub
 }
 
 func setLevel(v *slog.LevelVar, name string) {
@@ -34,8 +38,12 @@ func setLevel(v *slog.LevelVar, name string) {
 // undoes what it changed on the host; SIGHUP reloads the
 // configuration file at path (the embedded default has none to re-read).
 func run(ctx context.Context, cfg *configs.Config, path string, flags *pflag.FlagSet) error {
-	log, level := newLogger(cfg.Log)
-	g, err := gateway.New(cfg, log)
+	log, level, hub := newLogger(cfg.Log)
+	deps := gateway.Deps{Log: log, Logs: hub, Level: level, Version: version}
+	if path != "" {
+		deps.Load = func() (*configs.Config, error) { return configs.Load(path, flags) }
+	}
+	g, err := gateway.New(cfg, deps)
 	if err != nil {
 		return err
 	}
@@ -65,14 +73,7 @@ func run(ctx context.Context, cfg *configs.Config, path string, flags *pflag.Fla
 				continue
 			}
 			log.Info("SIGHUP: reloading", "config", path)
-			var next *configs.Config
-			err := g.Reload(func() (c *configs.Config, err error) {
-				next, err = configs.Load(path, flags)
-				return next, err
-			})
-			if err == nil {
-				setLevel(level, next.Log.Level) // the gateway logged what it refused
-			}
+			_ = g.Reload(deps.Load) // the gateway logs what it refuses
 		}
 	}
 }
