@@ -31,6 +31,8 @@ type Config struct {
 	Secret string
 	// CORS are the origins a browser page may call the API from.
 	CORS []string
+	// UI, when set, is a folder served at /ui/ without the token.
+	UI string
 	// Logs, when set, feeds /logs.
 	Logs *LogHub
 }
@@ -82,8 +84,15 @@ func New(cfg Config, gatherer prometheus.Gatherer, backend Backend, log *slog.Lo
 	mux.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
 	mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
 	s.clashRoutes(mux)
+	// The dashboard's static files need no token; a CORS preflight
+	// carries none, so it is answered before the token check.
+	root := http.NewServeMux()
+	if cfg.UI != "" {
+		root.Handle("GET /ui/", uiHandler(cfg.UI))
+	}
+	root.Handle("/", s.auth(mux))
 	s.srv = &http.Server{
-		Handler:           s.auth(mux),
+		Handler:           corsHandler(cfg.CORS, root),
 		ReadHeaderTimeout: 5 * time.Second,
 	}
 	return s, nil
