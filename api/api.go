@@ -45,7 +45,7 @@ type Server struct {
 	srv     *http.Server
 	ln      net.Listener
 
-	// originPatterns are the hosts of cfg.CORS, for WebSocket upgrades.
+	// originPatterns are cfg.CORS as patterns for WebSocket upgrades.
 	originPatterns []string
 	done           chan struct{} // closed by Close: streams end
 	closeOnce      sync.Once
@@ -64,13 +64,7 @@ func New(cfg Config, gatherer prometheus.Gatherer, backend Backend, log *slog.Lo
 		log = slog.New(slog.DiscardHandler)
 	}
 	s := &Server{cfg: cfg, log: log, backend: backend, done: make(chan struct{})}
-	for _, o := range cfg.CORS {
-		if u, err := url.Parse(o); err == nil && u.Host != "" {
-			s.originPatterns = append(s.originPatterns, u.Host)
-		} else if o == "*" {
-			s.originPatterns = append(s.originPatterns, "*")
-		}
-	}
+	s.originPatterns = wsOriginPatterns(cfg.CORS)
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(gatherer, promhttp.HandlerOpts{ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {

@@ -1,6 +1,7 @@
 package api
 
 import (
+	"context"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
@@ -8,6 +9,10 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/coder/websocket"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // tokenGate stands for the API's token check: 401 without the bearer
@@ -199,5 +204,47 @@ func TestWSOriginPatterns(t *testing.T) {
 	}
 	if p := wsOriginPatterns([]string{"*"}); !slices.Equal(p, []string{"*"}) || !match(p[0], "http://anything.example:1234") {
 		t.Errorf(`wsOriginPatterns(["*"]) = %q, want ["*"] matching any origin`, p)
+	}
+}
+
+// TestWebSocketOrigins: a page at an origin in api.cors may open the
+// streams from a browser (which sends its Origin on the upgrade); one at
+// another origin, or at the same host with another scheme, may not. An
+// IPv6 origin in the list must not break the others.
+func TestWebSocketOrigins(t *testing.T) {
+	cors := []string{"http://[::1]:3000", "http://127.0.0.1:8080"}
+	s, err := New(Config{Listen: "127.0.0.1:0", Secret: secret, CORS: cors}, prometheus.NewRegistry(), &fakeBackend{mode: "rule"}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts := httptest.NewServer(s.srv.Handler)
+	t.Cleanup(func() {
+		s.Close()
+		ts.Close()
+	})
+	wsURL := "ws" + strings.TrimPrefix(ts.URL, "http") + "/traffic?token=" + secret
+	tests := []struct {
+		origin string
+		ok     bool
+	}{
+		{"http://127.0.0.1:8080", true},
+		{"http://[::1]:3000", true},
+		{"http://127.0.0.1:8081", false},
+		{"https://127.0.0.1:8080", false},
+	}
+	for _, tc := range tests {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		c, resp, err := websocket.Dial(ctx, wsURL, &websocket.DialOptions{HTTPHeader: http.Header{"Origin": {tc.origin}}})
+		cancel()
+		if err == nil {
+			c.Close(websocket.StatusNormalClosure, "")
+		}
+		status := 0
+		if resp != nil {
+			status = resp.StatusCode
+		}
+		if (err == nil) != tc.ok {
+			t.Errorf("WebSocket /traffic from Origin %s with api.cors %q: status %d, %v; want accepted: %v", tc.origin, cors, status, err, tc.ok)
+		}
 	}
 }
