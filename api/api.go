@@ -191,13 +191,15 @@ func (s *Server) clashRoutes(mux *http.ServeMux) {
 		}
 		w.WriteHeader(http.StatusNoContent)
 	})
-	mux.HandleFunc("POST /cache/dns/flush", func(w http.ResponseWriter, _ *http.Request) {
-		if err := b.FlushDNSCache(); err != nil {
-			writeError(w, http.StatusBadRequest, err.Error())
-			return
-		}
-		w.WriteHeader(http.StatusNoContent)
-	})
+	for path, flush := range map[string]func() error{"POST /cache/dns/flush": b.FlushDNSCache, "POST /cache/fakeip/flush": b.FlushFakeIP} {
+		mux.HandleFunc(path, func(w http.ResponseWriter, _ *http.Request) {
+			if err := flush(); err != nil {
+				writeError(w, http.StatusBadRequest, err.Error())
+				return
+			}
+			w.WriteHeader(http.StatusNoContent)
+		})
+	}
 	mux.HandleFunc("GET /dns/query", func(w http.ResponseWriter, r *http.Request) {
 		q := r.URL.Query()
 		ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)

@@ -68,6 +68,7 @@ func (b *fakeBackend) Rules() []Rule        { return []Rule{{Type: "final", Prox
 func (b *fakeBackend) Configs() Configs     { return Configs{Mode: b.mode, LogLevel: "info"} }
 func (b *fakeBackend) Reload() error        { return errors.New("rules[0].outbound: unknown outbound \"x\"") }
 func (b *fakeBackend) FlushDNSCache() error { return nil }
+func (b *fakeBackend) FlushFakeIP() error   { return errors.New("dns.mode is not fake-ip") }
 func (b *fakeBackend) Patch(p ConfigPatch) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()

@@ -134,8 +134,10 @@ type Backend interface {
 	Patch(ConfigPatch) error
 	// Reload re-reads the configuration file.
 	Reload() error
-	// FlushDNSCache empties the DNS answer cache.
+	// FlushDNSCache empties the DNS answer cache; FlushFakeIP drops the
+	// fake-ip mappings no live flow uses.
 	FlushDNSCache() error
+	FlushFakeIP() error
 	// QueryDNS asks the DNS proxy, as an app would, and returns its
 	// answer as Clash's /dns/query renders it.
 	QueryDNS(ctx context.Context, name, qtype string) (any, error)

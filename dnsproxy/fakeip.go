@@ -397,3 +397,34 @@ func parseReverseName(name string) (netip.Addr, bool) {
 	}
 	return netip.Addr{}, false
 }
+
+// flush drops every mapping no live flow pins and returns how many. The
+// dropped addresses are not handed out again before the never-used ones
+// run out (an app may still hold one), as with recycling.
+func (p *fakeIPPool) flush() (int, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := 0
+	for _, r := range []*fakeRange{p.v4, p.v6} {
+		if r == nil {
+			continue
+		}
+		for el := r.lru.Front(); el != nil; {
+			next := el.Next()
+			r.drop(el.Value.(*fakeEntry))
+			n++
+			el = next
+		}
+		if r.next >= r.size {
+			// Recycling had begun: the scan for unused addresses starts
+			// over (allocate skips the pinned ones).
+			r.next = 0
+		}
+	}
+	if n > 0 && p.store != nil {
+		if err := p.store.rewrite(p.snapshot()); err != nil {
+			return n, fmt.Errorf("fake-ip store: %w", err)
+		}
+	}
+	return n, nil
+}

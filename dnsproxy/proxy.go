@@ -640,3 +640,14 @@ func (p *Proxy) Resolve(ctx context.Context, name string, ipv6 bool) ([]netip.Ad
 // FlushCache drops every cached answer: the next query for each name goes
 // upstream. Fake-ip mappings are kept.
 func (p *Proxy) FlushCache() { p.cache.flush() }
+
+// FlushFakeIP drops every fake-ip mapping that no live flow pins (and
+// rewrites the store), returning how many; an app that still holds a
+// dropped address gets no flow through it until it asks again. It fails
+// in real mode.
+func (p *Proxy) FlushFakeIP() (int, error) {
+	if p.fake == nil {
+		return 0, errors.New("dns.mode is not fake-ip")
+	}
+	return p.fake.flush()
+}

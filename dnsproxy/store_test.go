@@ -206,3 +206,45 @@ func TestStoreRecycledMappingReplay(t *testing.T) {
 		t.Errorf("%d mappings, want 2", pool.len())
 	}
 }
+
+// Flushing drops the unpinned mappings, keeps the pinned one, rewrites
+// the store so a restart does not bring them back, and hands out no
+// flushed address before the never-used ones.
+func TestFakeIPFlush(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "fakeip.store")
+	r4 := netip.MustParsePrefix("10.99.0.0/29")
+	pool := newFakeIPPool(r4, netip.Prefix{}, slog.New(slog.DiscardHandler))
+	st, err := openFakeIPStore(path, pool, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool.store = st
+	a, _ := pool.assign("a.test", false)
+	b, _ := pool.assign("b.test", false)
+	pool.pin(b)
+	if n, err := pool.flush(); n != 1 || err != nil {
+		t.Fatalf("flush = %d, %v; want 1 dropped", n, err)
+	}
+	if _, ok := pool.lookup(a); ok {
+		t.Error("the unpinned mapping survived the flush")
+	}
+	if name, ok := pool.lookup(b); !ok || name != "b.test" {
+		t.Error("the pinned mapping was flushed")
+	}
+	if c, _ := pool.assign("c.test", false); c == a {
+		t.Errorf("a flushed address (%s) was handed out before the never-used ones", a)
+	}
+	st.close()
+	again := newFakeIPPool(r4, netip.Prefix{}, slog.New(slog.DiscardHandler))
+	st2, err := openFakeIPStore(path, again, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st2.close()
+	if _, ok := again.lookup(a); ok {
+		t.Error("a flushed mapping came back from the store")
+	}
+	if name, ok := again.lookup(b); !ok || name != "b.test" {
+		t.Error("the pinned mapping is not in the store")
+	}
+}

@@ -415,3 +415,43 @@ func TestAPIConnectionsStreamCost(t *testing.T) {
 	g.waitMetric("tungate_tcp_flows_active", 10*time.Second, "0", func(v float64) bool { return v == 0 })
 	g.waitMetric("go_goroutines", 10*time.Second, fmt.Sprintf("back to the baseline %v", goroutines), func(v float64) bool { return v <= goroutines })
 }
+
+// TestAPIDNS: /dns/query answers as the proxy does (a fake-ip address),
+// /explain learns that address's name, POST /cache/fakeip/flush forgets
+// it, POST /cache/dns/flush empties the cache.
+func TestAPIDNS(t *testing.T) {
+	lab := netlab.New(t)
+	cfg := apiConfig()
+	cfg["dns"] = dnsConfig("fake-ip", "udp://"+netip.AddrPortFrom(netlab.WanAddr4, 53).String())["dns"]
+	g := startGateway(t, lab, cfg)
+
+	code, body := g.apiCall("GET", "/dns/query?name=www.example.org&type=A", "", true)
+	var ans struct {
+		Status int
+		Answer []struct{ Data string }
+	}
+	if code != 200 || json.Unmarshal([]byte(body), &ans) != nil || ans.Status != 0 || len(ans.Answer) != 1 {
+		t.Fatalf("GET /dns/query: %d %s", code, body)
+	}
+	fake, err := netip.ParseAddr(strings.TrimSpace(ans.Answer[0].Data))
+	if err != nil || !netip.MustParsePrefix("198.18.0.0/15").Contains(fake) {
+		t.Fatalf("GET /dns/query answered %q, want an address of the fake-ip range", ans.Answer[0].Data)
+	}
+	explain := func() string {
+		_, body := g.apiCall("GET", "/explain?dst="+netip.AddrPortFrom(fake, 443).String(), "", true)
+		return body
+	}
+	if body := explain(); !strings.Contains(body, `"Domain":"www.example.org"`) || !strings.Contains(body, `"DomainSource":"fake-ip"`) {
+		t.Errorf("GET /explain for the fake address: %s, want its name from fake-ip", body)
+	}
+	if code, body := g.apiCall("POST", "/cache/fakeip/flush", "", true); code != http.StatusNoContent {
+		t.Fatalf("POST /cache/fakeip/flush: %d %s", code, body)
+	}
+	if body := explain(); strings.Contains(body, "www.example.org") {
+		t.Errorf("GET /explain after the flush: %s, want the name forgotten", body)
+	}
+	if code, body := g.apiCall("POST", "/cache/dns/flush", "", true); code != http.StatusNoContent {
+		t.Errorf("POST /cache/dns/flush: %d %s", code, body)
+	}
+	g.stop()
+}

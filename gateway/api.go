@@ -57,7 +57,7 @@ func (b apiBackend) Connections() api.Snapshot {
 	conns := b.g.tracker.Snapshot()
 	s := api.Snapshot{UploadTotal: up, DownloadTotal: down, Connections: make([]api.Connection, len(conns)), Memory: goMemory()}
 	dnsMode := "normal"
-	if b.g.cfg.DNS.Enabled && b.g.cfg.DNS.Mode == "fake-ip" {
+	if cfg := b.g.running().routing.cfg; cfg.DNS.Enabled && cfg.DNS.Mode == "fake-ip" {
 		dnsMode = "fake-ip"
 	}
 	for i, c := range conns {
@@ -298,6 +298,18 @@ func (b apiBackend) FlushDNSCache() error {
 	}
 	b.g.dns.FlushCache()
 	b.g.log.Info("api: DNS cache flushed")
+	return nil
+}
+
+func (b apiBackend) FlushFakeIP() error {
+	if b.g.dns == nil {
+		return errors.New("DNS is off (dns.enabled: false)")
+	}
+	n, err := b.g.dns.FlushFakeIP()
+	if err != nil {
+		return err
+	}
+	b.g.log.Info("api: fake-ip mappings flushed", "mappings", n)
 	return nil
 }
 
