@@ -6,7 +6,7 @@ VERSION       ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS       := -s -w -X main.version=$(VERSION)
 STATICCHECK   := $(shell $(GO) env GOPATH)/bin/staticcheck
 # Debian packages the end-to-end tests start as real peers.
-DEB_PACKAGES  := iproute2 dante-server microsocks tinyproxy dnsmasq-base iperf3 nftables unbound dnsutils curl
+DEB_PACKAGES  := iproute2 dante-server microsocks tinyproxy dnsmasq-base iperf3 nftables unbound dnsutils curl chromium
 # Packages whose tests move real packets through the lab; they run without
 # -race, under which gVisor spins.
 E2E_PKGS      := ./e2e/...

@@ -31,6 +31,8 @@ type Config struct {
 	Secret string
 	// CORS are the origins a browser page may call the API from.
 	CORS []string
+	// UI, when set, is a folder served at /ui/ without the token.
+	UI string
 	// Logs, when set, feeds /logs.
 	Logs *LogHub
 }
@@ -43,7 +45,7 @@ type Server struct {
 	srv     *http.Server
 	ln      net.Listener
 
-	// originPatterns are the hosts of cfg.CORS, for WebSocket upgrades.
+	// originPatterns are cfg.CORS as patterns for WebSocket upgrades.
 	originPatterns []string
 	done           chan struct{} // closed by Close: streams end
 	closeOnce      sync.Once
@@ -62,13 +64,7 @@ func New(cfg Config, gatherer prometheus.Gatherer, backend Backend, log *slog.Lo
 		log = slog.New(slog.DiscardHandler)
 	}
 	s := &Server{cfg: cfg, log: log, backend: backend, done: make(chan struct{})}
-	for _, o := range cfg.CORS {
-		if u, err := url.Parse(o); err == nil && u.Host != "" {
-			s.originPatterns = append(s.originPatterns, u.Host)
-		} else if o == "*" {
-			s.originPatterns = append(s.originPatterns, "*")
-		}
-	}
+	s.originPatterns = wsOriginPatterns(cfg.CORS)
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(gatherer, promhttp.HandlerOpts{ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
@@ -82,8 +78,15 @@ func New(cfg Config, gatherer prometheus.Gatherer, backend Backend, log *slog.Lo
 	mux.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
 	mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
 	s.clashRoutes(mux)
+	// The dashboard's static files need no token; a CORS preflight
+	// carries none, so it is answered before the token check.
+	root := http.NewServeMux()
+	if cfg.UI != "" {
+		root.Handle("GET /ui/", uiHandler(cfg.UI))
+	}
+	root.Handle("/", s.auth(mux))
 	s.srv = &http.Server{
-		Handler:           s.auth(mux),
+		Handler:           corsHandler(cfg.CORS, root),
 		ReadHeaderTimeout: 5 * time.Second,
 	}
 	return s, nil

@@ -183,6 +183,14 @@ type Route struct {
 type API struct {
 	Listen string `mapstructure:"listen"` // host:port; "" = off
 	Secret string `mapstructure:"secret"` // bearer token; required unless listen is loopback
+	// CORS lists the origins ("scheme://host[:port]", or "*" for any)
+	// whose pages may call the API from a browser: a dashboard served
+	// from somewhere other than the API itself.
+	CORS []string `mapstructure:"cors"`
+	// UI is a folder served at /ui/ without the token (a dashboard's
+	// built files): an absolute path or one relative to the working
+	// directory; "" = none.
+	UI string `mapstructure:"ui"`
 }
 
 // FinalOutbound returns the name of the outbound for flows that match no

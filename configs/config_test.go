@@ -114,6 +114,8 @@ func TestDefault(t *testing.T) {
 		{"route.journal", cfg.Route.Journal, "/run/tungate/route.journal"},
 		{"api.listen", cfg.API.Listen, ""},
 		{"api.secret", cfg.API.Secret, ""},
+		{"len(api.cors)", len(cfg.API.CORS), 0},
+		{"api.ui", cfg.API.UI, ""},
 	}
 	for _, c := range checks {
 		if !reflect.DeepEqual(c.got, c.want) {
@@ -243,6 +245,8 @@ func TestLoadConfigMDExample(t *testing.T) {
 		{"route.table", cfg.Route.Table, 2022},
 		{"route.priority", cfg.Route.Priority, 9000},
 		{"api.listen", cfg.API.Listen, ""},
+		{"len(api.cors)", len(cfg.API.CORS), 0},
+		{"api.ui", cfg.API.UI, ""},
 	}
 	for _, c := range checks {
 		if !reflect.DeepEqual(c.got, c.want) {
@@ -283,6 +287,7 @@ func TestEnvironmentOverrides(t *testing.T) {
 		{"TUNGATE_TUN_ADDRESS", "10.0.0.1/30, fd00::1/126", func(c *Config) any { return c.Tun.Address }, prefixes("10.0.0.1/30", "fd00::1/126")},
 		{"TUNGATE_ROUTE_INCLUDE_UIDS", "1000,2000-2999", func(c *Config) any { return c.Route.IncludeUIDs }, []UIDRange{{1000, 1000}, {2000, 2999}}},
 		{"TUNGATE_ROUTE_JOURNAL", "/tmp/tg/route.journal", func(c *Config) any { return c.Route.Journal }, "/tmp/tg/route.journal"},
+		{"TUNGATE_API_CORS", "http://127.0.0.1:8080, https://dash.example", func(c *Config) any { return c.API.CORS }, []string{"http://127.0.0.1:8080", "https://dash.example"}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.env, func(t *testing.T) {
@@ -506,6 +511,17 @@ func TestLoadReportsProblems(t *testing.T) {
 		{"api without secret", "api: {listen: '0.0.0.0:9090'}", "api.secret", "required"},
 		{"api without host or secret", "api: {listen: ':9090'}", "api.secret", "required"},
 		{"api bad listen", "api: {listen: localhost}", "api.listen", "want host:port"},
+		{"cors origin without scheme", "api: {cors: ['127.0.0.1:8080']}", "api.cors[0]", "has no scheme"},
+		{"cors origin with a path", "api: {cors: ['*', 'http://127.0.0.1:8080/']}", "api.cors[1]", "has a path"},
+		{"cors origin with a query", "api: {cors: ['http://dash.example?x=1']}", "api.cors[0]", "has a path, query or fragment"},
+		{"cors origin with credentials", "api: {cors: ['http://u:p@dash.example']}", "api.cors[0]", "has credentials"},
+		{"cors origin without host", "api: {cors: ['http://:8080']}", "api.cors[0]", "has no host"},
+		{"cors origin bad port", "api: {cors: ['http://dash.example:99999']}", "api.cors[0]", "invalid port"},
+		{"cors origin empty port", "api: {cors: ['http://dash.example:']}", "api.cors[0]", "empty port"},
+		{"cors origin default port", "api: {cors: ['https://dash.example:443']}", "api.cors[0]", `write "https://dash.example"`},
+		{"cors empty origin", "api: {cors: ['']}", "api.cors[0]", "has no scheme"},
+		{"ui folder missing", "api: {listen: '127.0.0.1:9090', ui: /nonexistent/dashboard}", "api.ui", "not an existing directory"},
+		{"ui is a file", "api: {listen: '127.0.0.1:9090', ui: testdata/config-md-example.yaml}", "api.ui", "not an existing directory"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -523,6 +539,11 @@ func TestLoadAcceptsEdgeValues(t *testing.T) {
 		"api: {listen: 'localhost:9090'}",
 		"api: {listen: '[::1]:9090'}",
 		"api: {listen: '0.0.0.0:9090', secret: s3cret}",
+		"api: {listen: '127.0.0.1:9090', cors: ['*', 'http://127.0.0.1:8080', 'https://dash.example', 'http://[::1]:3000', 'chrome-extension://abcdef']}",
+		"api: {cors: 'http://127.0.0.1:8080'}",          // a single origin for a list
+		"api: {listen: '127.0.0.1:9090', ui: testdata}", // an existing folder, relative to the working directory
+		"api: {listen: '', ui: /nonexistent/dashboard}", // the API is off: the folder is not read
+		"api: {listen: '127.0.0.1:9090', ui: ''}",       // no UI
 		"tun: {mtu: 576, address: [10.0.0.1/30]}",
 		"tun: {name: '', fd: 3}",
 		"dns: {enabled: false, listen: ''}",
@@ -535,6 +556,18 @@ func TestLoadAcceptsEdgeValues(t *testing.T) {
 	}
 	for _, body := range tests {
 		mustLoad(t, body)
+	}
+}
+
+func TestAPICORSAndUI(t *testing.T) {
+	dir := t.TempDir()
+	body := "api: {listen: '127.0.0.1:9090', secret: s, cors: ['http://127.0.0.1:8080', '*'], ui: '" + dir + "'}"
+	cfg := mustLoad(t, body)
+	if want := []string{"http://127.0.0.1:8080", "*"}; !slices.Equal(cfg.API.CORS, want) {
+		t.Errorf("Load(%q) api.cors = %q, want %q", body, cfg.API.CORS, want)
+	}
+	if cfg.API.UI != dir {
+		t.Errorf("Load(%q) api.ui = %q, want %q", body, cfg.API.UI, dir)
 	}
 }
 

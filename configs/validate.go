@@ -396,8 +396,20 @@ func (c *Config) validateRoute(p *problemList) {
 
 func (c *Config) validateAPI(p *problemList) {
 	a := c.API
+	for i, o := range a.CORS {
+		if err := checkOrigin(o); err != nil {
+			p.add(fmt.Sprintf("api.cors[%d]", i), "%v", err)
+		}
+	}
 	if a.Listen == "" {
 		return
+	}
+	if a.UI != "" {
+		// Checked only when the API is on: a folder nobody serves is no
+		// error for run either.
+		if fi, err := os.Stat(a.UI); err != nil || !fi.IsDir() {
+			p.add("api.ui", "%q is not an existing directory", a.UI)
+		}
 	}
 	host, port, err := net.SplitHostPort(a.Listen)
 	if err != nil {
@@ -410,6 +422,44 @@ func (c *Config) validateAPI(p *problemList) {
 	if a.Secret == "" && !isLoopbackHost(host) {
 		p.add("api.secret", "required when api.listen (%q) is not a loopback address", a.Listen)
 	}
+}
+
+// checkOrigin accepts "*" and a browser origin as the Origin header
+// carries it: scheme://host[:port], without a path, query, fragment or
+// credentials.
+func checkOrigin(s string) error {
+	if s == "*" {
+		return nil
+	}
+	const want = `(want "scheme://host[:port]", e.g. "http://127.0.0.1:8080", or "*")`
+	if !strings.Contains(s, "://") {
+		return fmt.Errorf("origin %q has no scheme %s", s, want)
+	}
+	u, err := url.Parse(s)
+	if err != nil {
+		return fmt.Errorf("invalid origin %q %s", s, want)
+	}
+	switch {
+	case u.Hostname() == "":
+		return fmt.Errorf("origin %q has no host %s", s, want)
+	case u.User != nil:
+		return fmt.Errorf("origin %q has credentials %s", s, want)
+	case u.Path != "" || u.RawQuery != "" || u.Fragment != "" || u.ForceQuery || strings.HasSuffix(s, "#"):
+		return fmt.Errorf("origin %q has a path, query or fragment %s", s, want)
+	}
+	if port := u.Port(); port != "" {
+		if err := checkPort(port); err != nil {
+			return fmt.Errorf("origin %q: %v", s, err)
+		}
+		// A browser leaves the scheme's own port out of the Origin
+		// header, so this entry would never match.
+		if (u.Scheme == "http" && port == "80") || (u.Scheme == "https" && port == "443") {
+			return fmt.Errorf("origin %q names the default port of %s, which browsers leave out: write %q", s, u.Scheme, u.Scheme+"://"+u.Hostname())
+		}
+	} else if strings.HasSuffix(u.Host, ":") {
+		return fmt.Errorf("origin %q has an empty port %s", s, want)
+	}
+	return nil
 }
 
 func isLoopbackHost(host string) bool {
