@@ -273,7 +273,7 @@ func (s *Server) connections(w http.ResponseWriter, r *http.Request) {
 
 // logs streams log lines at ?level= and above.
 func (s *Server) logs(w http.ResponseWriter, r *http.Request) {
-	level, ok := parseLevel(r.URL.Query().Get("level"))
+	level, ok := ParseLevel(r.URL.Query().Get("level"))
 	if !ok {
 		writeError(w, http.StatusBadRequest, "level: debug, info, warning, error or silent")
 		return

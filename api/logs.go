@@ -93,7 +93,7 @@ func (s *hub) publish(r slog.Record, h *LogHub) {
 			continue
 		}
 		if line == nil {
-			line = &LogLine{Type: levelName(r.Level), Payload: h.render(r)}
+			line = &LogLine{Type: LevelName(r.Level), Payload: h.render(r)}
 		}
 		select {
 		case sub.lines <- *line:
@@ -142,8 +142,8 @@ func (s *hub) resetMin() {
 	s.min.Store(low)
 }
 
-// levelName is Clash's name of a level.
-func levelName(l slog.Level) string {
+// LevelName is Clash's name of a level.
+func LevelName(l slog.Level) string {
 	switch {
 	case l >= slog.LevelError:
 		return "error"
@@ -155,8 +155,8 @@ func levelName(l slog.Level) string {
 	return "debug"
 }
 
-// parseLevel reads Clash's level names (and slog's "warn").
-func parseLevel(s string) (slog.Level, bool) {
+// ParseLevel reads Clash's level names (and slog's "warn"); "" is info.
+func ParseLevel(s string) (slog.Level, bool) {
 	switch s {
 	case "", "info":
 		return slog.LevelInfo, true

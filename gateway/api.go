@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
@@ -225,25 +224,13 @@ func (b apiBackend) Rules() []api.Rule {
 func (b apiBackend) Configs() api.Configs {
 	level := "info"
 	if b.g.deps.Level != nil {
-		level = clashLevel(b.g.deps.Level.Level())
+		level = api.LevelName(b.g.deps.Level.Level())
 	}
 	ipv6 := false
 	for _, p := range b.g.running().routing.cfg.Tun.Address {
 		ipv6 = ipv6 || p.Addr().Is6()
 	}
 	return api.Configs{Mode: *b.g.mode.Load(), LogLevel: level, IPv6: ipv6}
-}
-
-func clashLevel(l slog.Level) string {
-	switch {
-	case l >= slog.LevelError:
-		return "error"
-	case l >= slog.LevelWarn:
-		return "warning"
-	case l >= slog.LevelInfo:
-		return "info"
-	}
-	return "debug"
 }
 
 func (b apiBackend) Patch(p api.ConfigPatch) error {
@@ -265,19 +252,8 @@ func (b apiBackend) Patch(p api.ConfigPatch) error {
 		if b.g.deps.Level == nil {
 			return errors.New("log-level: not adjustable here")
 		}
-		var l slog.Level
-		switch *p.LogLevel {
-		case "debug":
-			l = slog.LevelDebug
-		case "info":
-			l = slog.LevelInfo
-		case "warning", "warn":
-			l = slog.LevelWarn
-		case "error":
-			l = slog.LevelError
-		case "silent":
-			l = slog.LevelError + 100
-		default:
+		l, ok := api.ParseLevel(*p.LogLevel)
+		if !ok || *p.LogLevel == "" {
 			return fmt.Errorf("log-level %q: want debug, info, warning, error or silent", *p.LogLevel)
 		}
 		b.g.deps.Level.Set(l)
