@@ -248,7 +248,7 @@ func (g *Gateway) Start() (err error) {
 	g.stack.Start(func(err error) bool { return errors.Is(err, tun.ErrClosed) || errors.Is(err, os.ErrClosed) })
 
 	if cfg.API.Listen != "" {
-		g.api, err = api.New(api.Config{Listen: cfg.API.Listen, Secret: cfg.API.Secret, CORS: cfg.API.CORS, UI: cfg.API.UI, Logs: g.deps.Logs}, g.metrics(), apiBackend{g}, g.log.With("component", "api"))
+		g.api, err = api.New(api.Config{Listen: cfg.API.Listen, Secret: cfg.API.Secret, CORS: cfg.API.CORS, UI: cfg.API.UI, PProf: cfg.API.PProf, Logs: g.deps.Logs}, g.metrics(), apiBackend{g}, g.log.With("component", "api"))
 		if err != nil {
 			return err
 		}
