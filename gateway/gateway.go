@@ -140,6 +140,10 @@ func New(cfg *configs.Config, deps Deps) (*Gateway, error) {
 		return nil, err
 	}
 	g := &Gateway{log: discardIfNil(deps.Log), deps: deps, cfg: cfg, tracker: forwarder.NewTracker()}
+	if cfg.Log.Flows {
+		flows := g.log.With("component", "flow")
+		g.tracker.OnEnd = func(c forwarder.ConnInfo, lived time.Duration) { logFlowEnd(flows, c, lived) }
+	}
 	rule := modeRule
 	g.mode.Store(&rule)
 	return g, nil
@@ -159,6 +163,12 @@ func preflight(cfg *configs.Config) error {
 	}
 	closeDialers(set.all())
 	return nil
+}
+
+// logFlowEnd is log.flows: one line per ended TCP flow or UDP session.
+func logFlowEnd(log *slog.Logger, c forwarder.ConnInfo, lived time.Duration) {
+	log.Info("flow end", "network", c.Network, "inbound", c.Inbound, "src", c.Src, "dst", c.Dst, "domain", c.Domain,
+		"rule", c.Rule, "outbound", c.Outbound, "up", c.Upload, "down", c.Download, "duration", lived.Round(time.Millisecond))
 }
 
 // Tracker returns the connection tracker: every live flow.
