@@ -70,6 +70,15 @@ func TestRunDefault(t *testing.T) {
 		t.Errorf("tungate0 MTU is not the default 9000: %s", link)
 	}
 	waitLog(t, p, "auto-route installed", startWait)
+	// The first screen says it in plain words.
+	waitLog(t, p, `msg="routing: all traffic except the LAN goes through tungate0 (route.auto)"`, startWait)
+	waitLog(t, p, `msg="stop: Ctrl-C or SIGTERM; after a crash: tungate cleanup`, startWait)
+	for _, line := range strings.Split(p.Log(), "\n") {
+		if strings.Contains(line, `msg="routing:`) || strings.Contains(line, `msg="flows:`) || strings.Contains(line, `msg="DNS:`) ||
+			strings.Contains(line, `msg="API:`) || strings.Contains(line, `msg="stop:`) {
+			t.Log(line)
+		}
+	}
 	if rules := lab.App.MustRun(t, "ip", "rule"); !strings.Contains(rules, "lookup 2022 proto 231") {
 		t.Errorf("no rule into table 2022 while tungate runs:\n%s", rules)
 	}

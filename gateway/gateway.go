@@ -204,9 +204,10 @@ func (g *Gateway) Start() (err error) {
 	}
 	g.current.Store(newTable(cfg, r, g.outs.dialers))
 
+	var upstreams []string // the DNS proxy's, for the first screen
 	if cfg.DNS.Enabled {
 		g.dnsOut.set(g.outs.dialers[cfg.DNSOutbound()])
-		if g.dns, err = newDNSProxy(cfg, &g.dnsOut, g.log.With("component", "dns")); err != nil {
+		if g.dns, upstreams, err = newDNSProxy(cfg, &g.dnsOut, g.log.With("component", "dns")); err != nil {
 			return err
 		}
 		g.resolver.p.Store(g.dns)
@@ -277,6 +278,13 @@ func (g *Gateway) Start() (err error) {
 	}
 	if cfg.DNS.Enabled {
 		g.log.Info("dns proxy running", "mode", cfg.DNS.Mode, "listen", cfg.DNS.Listen, "hijack", strings.Join(cfg.DNS.Hijack, ","), "outbound", cfg.DNSOutbound())
+	}
+	sc := screen{tun: g.dev.Name(), upstreams: upstreams}
+	if g.api != nil {
+		sc.api = g.api.Addr().String()
+	}
+	for _, line := range firstScreen(cfg, sc) {
+		g.log.Info(line)
 	}
 	g.state = stateRunning
 	return nil
