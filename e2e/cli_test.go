@@ -140,3 +140,19 @@ func TestShutdownWithOpenFlows(t *testing.T) {
 		t.Fatalf("%s still exists after exit:\n%s", tunName, out)
 	}
 }
+
+// TestCheckEmbeddedDefault: `tungate check` without --config checks the
+// embedded default, with the environment's overrides.
+func TestCheckEmbeddedDefault(t *testing.T) {
+	out, err := exec.Command(tungateBin, "check").CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "embedded default configuration") || !strings.Contains(string(out), ": ok") {
+		t.Errorf("tungate check: err=%v\n%s", err, out)
+	}
+	cmd := exec.Command(tungateBin, "check")
+	cmd.Env = append(os.Environ(), "TUNGATE_STACK_TCP_DIAL_TIMEOUT=soon")
+	out, err = cmd.CombinedOutput()
+	var exit *exec.ExitError
+	if !errors.As(err, &exit) || exit.ExitCode() != 1 || !strings.Contains(string(out), "stack.tcp.dial_timeout") {
+		t.Errorf("tungate check with TUNGATE_STACK_TCP_DIAL_TIMEOUT=soon: err=%v, want exit 1 naming stack.tcp.dial_timeout\n%s", err, out)
+	}
+}
