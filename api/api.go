@@ -35,6 +35,9 @@ type Config struct {
 	UI string
 	// Logs, when set, feeds /logs.
 	Logs *LogHub
+	// PProf serves Go's profiler at /debug/pprof/; off, those paths are
+	// 404 like any other unknown path.
+	PProf bool
 }
 
 // Server is the HTTP API. Lifecycle: New → Start → Close.
@@ -51,8 +54,8 @@ type Server struct {
 	closeOnce      sync.Once
 }
 
-// New builds the API: /metrics over gatherer, /healthz, Go's profiler,
-// and the Clash API over backend.
+// New builds the API: /metrics over gatherer, /healthz, Go's profiler
+// when cfg.PProf is set, and the Clash API over backend.
 func New(cfg Config, gatherer prometheus.Gatherer, backend Backend, log *slog.Logger) (*Server, error) {
 	if cfg.Listen == "" {
 		return nil, errors.New("api: no listen address")
@@ -70,13 +73,16 @@ func New(cfg Config, gatherer prometheus.Gatherer, backend Backend, log *slog.Lo
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		fmt.Fprintln(w, "ok")
 	})
-	// Go's profiler, behind the same token: how a slow flow is diagnosed
-	// on a user's machine.
-	mux.HandleFunc("GET /debug/pprof/", pprof.Index)
-	mux.HandleFunc("GET /debug/pprof/cmdline", pprof.Cmdline)
-	mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
-	mux.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
-	mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
+	// Go's profiler, only when asked for (it shows the command line and
+	// can stall the process for a profile), behind the same token: how a
+	// slow flow is diagnosed on a user's machine.
+	if cfg.PProf {
+		mux.HandleFunc("GET /debug/pprof/", pprof.Index)
+		mux.HandleFunc("GET /debug/pprof/cmdline", pprof.Cmdline)
+		mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
+	}
 	s.clashRoutes(mux)
 	// The dashboard's static files need no token; a CORS preflight
 	// carries none, so it is answered before the token check.

@@ -277,3 +277,31 @@ func TestConfigsAndProxies(t *testing.T) {
 		t.Errorf("patches %v", b.patched)
 	}
 }
+
+func TestPProfOnlyWhenEnabled(t *testing.T) {
+	leakcheck.Check(t)
+	for _, enabled := range []bool{false, true} {
+		s, err := New(Config{Listen: "127.0.0.1:0", Secret: secret, PProf: enabled}, prometheus.NewRegistry(), &fakeBackend{mode: "rule"}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ts := httptest.NewServer(s.srv.Handler)
+		want := http.StatusNotFound
+		if enabled {
+			want = http.StatusOK
+		}
+		for _, path := range []string{"/debug/pprof/", "/debug/pprof/cmdline"} {
+			if resp, _ := call(t, ts, "GET", path, "", true); resp.StatusCode != want {
+				t.Errorf("pprof %v: GET %s = %d, want %d", enabled, path, resp.StatusCode, want)
+			}
+		}
+		if enabled {
+			// Still behind the token.
+			if resp, _ := call(t, ts, "GET", "/debug/pprof/", "", false); resp.StatusCode != http.StatusUnauthorized {
+				t.Errorf("pprof on: GET /debug/pprof/ without the bearer = %d, want 401", resp.StatusCode)
+			}
+		}
+		s.Close()
+		ts.Close()
+	}
+}

@@ -1,5 +1,5 @@
 // Package api serves tungate's HTTP API: Prometheus metrics at /metrics, a
-// health check at /healthz, Go's profiler at /debug/pprof/, and the Clash
+// health check at /healthz, Go's profiler at /debug/pprof/ (api.pprof), and the Clash
 // API that dashboards (metacubexd, zashboard, yacd) and `tungate status`
 // call — versions, live connections and their closing, traffic, memory
 // and log streams (WebSocket or newline-delimited JSON), proxies, rules,

@@ -32,6 +32,10 @@ type Config struct {
 type Log struct {
 	Level  string `mapstructure:"level"`  // debug | info | warn | error
 	Format string `mapstructure:"format"` // text | json
+	// Flows logs one info line per flow end (TCP flow or UDP session):
+	// network, source, destination, domain, rule, outbound, bytes each
+	// way and duration.
+	Flows bool `mapstructure:"flows"`
 }
 
 // MaxInterfaceName is the longest network interface name, in bytes
@@ -191,6 +195,8 @@ type API struct {
 	// built files): an absolute path or one relative to the working
 	// directory; "" = none.
 	UI string `mapstructure:"ui"`
+	// PProf serves Go's profiler at /debug/pprof/ (behind Secret, if set).
+	PProf bool `mapstructure:"pprof"`
 }
 
 // FinalOutbound returns the name of the outbound for flows that match no

@@ -116,6 +116,8 @@ func TestDefault(t *testing.T) {
 		{"api.secret", cfg.API.Secret, ""},
 		{"len(api.cors)", len(cfg.API.CORS), 0},
 		{"api.ui", cfg.API.UI, ""},
+		{"api.pprof", cfg.API.PProf, false},
+		{"log.flows", cfg.Log.Flows, false},
 	}
 	for _, c := range checks {
 		if !reflect.DeepEqual(c.got, c.want) {
@@ -288,6 +290,8 @@ func TestEnvironmentOverrides(t *testing.T) {
 		{"TUNGATE_ROUTE_INCLUDE_UIDS", "1000,2000-2999", func(c *Config) any { return c.Route.IncludeUIDs }, []UIDRange{{1000, 1000}, {2000, 2999}}},
 		{"TUNGATE_ROUTE_JOURNAL", "/tmp/tg/route.journal", func(c *Config) any { return c.Route.Journal }, "/tmp/tg/route.journal"},
 		{"TUNGATE_API_CORS", "http://127.0.0.1:8080, https://dash.example", func(c *Config) any { return c.API.CORS }, []string{"http://127.0.0.1:8080", "https://dash.example"}},
+		{"TUNGATE_API_PPROF", "true", func(c *Config) any { return c.API.PProf }, true},
+		{"TUNGATE_LOG_FLOWS", "true", func(c *Config) any { return c.Log.Flows }, true},
 	}
 	for _, tc := range tests {
 		t.Run(tc.env, func(t *testing.T) {

@@ -70,6 +70,15 @@ func TestRunDefault(t *testing.T) {
 		t.Errorf("tungate0 MTU is not the default 9000: %s", link)
 	}
 	waitLog(t, p, "auto-route installed", startWait)
+	// The first screen says it in plain words.
+	waitLog(t, p, `msg="routing: all traffic except the LAN goes through tungate0 (route.auto)"`, startWait)
+	waitLog(t, p, `msg="stop: Ctrl-C or SIGTERM; after a crash: tungate cleanup`, startWait)
+	for _, line := range strings.Split(p.Log(), "\n") {
+		if strings.Contains(line, `msg="routing:`) || strings.Contains(line, `msg="flows:`) || strings.Contains(line, `msg="DNS:`) ||
+			strings.Contains(line, `msg="API:`) || strings.Contains(line, `msg="stop:`) {
+			t.Log(line)
+		}
+	}
 	if rules := lab.App.MustRun(t, "ip", "rule"); !strings.Contains(rules, "lookup 2022 proto 231") {
 		t.Errorf("no rule into table 2022 while tungate runs:\n%s", rules)
 	}
@@ -129,5 +138,21 @@ func TestShutdownWithOpenFlows(t *testing.T) {
 	}
 	if out, err := lab.App.Run(t.Context(), "ip", "link", "show", "dev", tunName); err == nil {
 		t.Fatalf("%s still exists after exit:\n%s", tunName, out)
+	}
+}
+
+// TestCheckEmbeddedDefault: `tungate check` without --config checks the
+// embedded default, with the environment's overrides.
+func TestCheckEmbeddedDefault(t *testing.T) {
+	out, err := exec.Command(tungateBin, "check").CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "embedded default configuration") || !strings.Contains(string(out), ": ok") {
+		t.Errorf("tungate check: err=%v\n%s", err, out)
+	}
+	cmd := exec.Command(tungateBin, "check")
+	cmd.Env = append(os.Environ(), "TUNGATE_STACK_TCP_DIAL_TIMEOUT=soon")
+	out, err = cmd.CombinedOutput()
+	var exit *exec.ExitError
+	if !errors.As(err, &exit) || exit.ExitCode() != 1 || !strings.Contains(string(out), "stack.tcp.dial_timeout") {
+		t.Errorf("tungate check with TUNGATE_STACK_TCP_DIAL_TIMEOUT=soon: err=%v, want exit 1 naming stack.tcp.dial_timeout\n%s", err, out)
 	}
 }

@@ -19,6 +19,13 @@ import (
 // A Tracker is safe for concurrent use. The zero value is not usable: call
 // NewTracker.
 type Tracker struct {
+	// OnEnd, when set, is called once for every tracked flow that ends,
+	// after its relay has stopped counting: the flow's final snapshot and
+	// how long it lived. It runs on the relay's goroutine, holding no lock
+	// of the tracker or the relays; it must not block. Set it before the
+	// first flow is tracked. Unset, a flow's end costs one nil check.
+	OnEnd func(c ConnInfo, lived time.Duration)
+
 	lastID atomic.Uint64
 
 	mu      sync.Mutex
@@ -81,11 +88,16 @@ func (t *Tracker) track(f *Flow, d outbound.Dialer, abort func()) *Conn {
 	return c
 }
 
-// untrack forgets c; the flow has ended.
+// untrack forgets c; the flow has ended. OnEnd runs for c once, when c
+// was live.
 func (t *Tracker) untrack(c *Conn) {
 	t.mu.Lock()
+	_, live := t.conns[c.id]
 	delete(t.conns, c.id)
 	t.mu.Unlock()
+	if live && t.OnEnd != nil {
+		t.OnEnd(c.info(), time.Since(c.start))
+	}
 }
 
 // Close ends the flow id: a TCP flow is reset on both sides, a UDP

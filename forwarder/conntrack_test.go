@@ -4,6 +4,8 @@ import (
 	"context"
 	"io"
 	"net/netip"
+	"slices"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -123,6 +125,105 @@ func TestTrackerUDP(t *testing.T) {
 	}
 	tr.Close(snap[0].ID)
 	waitFor(t, 2*time.Second, "the session gone", func() bool { return table.Len() == 0 && tr.Len() == 0 })
+}
+
+// endRecorder collects what Tracker.OnEnd is given.
+type endRecorder struct {
+	mu    sync.Mutex
+	ends  []ConnInfo
+	lived []time.Duration
+}
+
+func (r *endRecorder) onEnd(c ConnInfo, lived time.Duration) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.ends = append(r.ends, c)
+	r.lived = append(r.lived, lived)
+}
+
+func (r *endRecorder) got() ([]ConnInfo, []time.Duration) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.Clone(r.ends), slices.Clone(r.lived)
+}
+
+// OnEnd gets each ended TCP flow once, after both directions finished:
+// its metadata, its final byte counts and how long it lived.
+func TestTrackerOnEndTCP(t *testing.T) {
+	tr := NewTracker()
+	var rec endRecorder
+	tr.OnEnd = rec.onEnd
+	up := listenLoopback(t)
+	d := newDirect(t)
+	route := func(f *Flow) outbound.Dialer {
+		f.Rule, f.Domain, f.DomainSource = "rules[0]", "example.org", "fake-ip"
+		return d
+	}
+	relay := newTCP(t, TCPConfig{DialTimeout: time.Second, Tracker: tr}, route)
+	a := startFlow(t, relay, up)
+	roundTrip(t, a.app, a.up, "hello")        // 5 bytes up
+	roundTrip(t, a.up, a.app, "hello, world") // 12 bytes down
+	const hold = 50 * time.Millisecond
+	time.Sleep(hold)
+	// Both sides close: the relay ends by FIN in each direction.
+	a.app.CloseWrite()
+	a.up.CloseWrite()
+	io.Copy(io.Discard, a.app)
+	io.Copy(io.Discard, a.up)
+	waitClosed(t, a.done, 2*time.Second, "the relay")
+	waitFor(t, 2*time.Second, "OnEnd called", func() bool { e, _ := rec.got(); return len(e) == 1 })
+	ends, lived := rec.got()
+	e := ends[0]
+	if e.Network != "tcp" || e.Rule != "rules[0]" || e.Domain != "example.org" || e.Outbound != "direct" ||
+		e.Src != a.flow.Src().String() || e.Dst != up.Addr().String() {
+		t.Errorf("OnEnd metadata = %+v", e)
+	}
+	if e.Upload != 5 || e.Download != 12 {
+		t.Errorf("OnEnd bytes = %d up / %d down, want 5 / 12", e.Upload, e.Download)
+	}
+	if lived[0] < hold || lived[0] > 5*time.Second {
+		t.Errorf("OnEnd lived = %v, want between %v and 5s", lived[0], hold)
+	}
+	if tr.Len() != 0 {
+		t.Errorf("tracker still holds %d flows", tr.Len())
+	}
+	time.Sleep(50 * time.Millisecond)
+	if e, _ := rec.got(); len(e) != 1 {
+		t.Errorf("OnEnd called %d times for one flow, want 1", len(e))
+	}
+}
+
+// OnEnd gets an ended UDP session once, with its bytes each way.
+func TestTrackerOnEndUDP(t *testing.T) {
+	tr := NewTracker()
+	var rec endRecorder
+	tr.OnEnd = rec.onEnd
+	d := &fakeDialer{name: "fake", echo: true}
+	var replies replyRecorder
+	table, err := NewUDPTable(UDPConfig{IdleTimeout: time.Minute, DNSIdleTimeout: time.Minute, MaxSessions: 8, Tracker: tr}, routeTo(d), replies.reply, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer table.Close()
+	table.Handle(ap("10.0.0.1:1000"), ap("10.9.0.1:5000"), []byte("abcd"))
+	table.Flush()
+	waitFor(t, 2*time.Second, "the echo, counted", func() bool {
+		s := tr.Snapshot()
+		return len(replies.received()) == 1 && len(s) == 1 && s[0].Download == 4
+	})
+	if e, _ := rec.got(); len(e) != 0 {
+		t.Fatalf("OnEnd called for a live session: %+v", e)
+	}
+	tr.Close(tr.Snapshot()[0].ID)
+	waitFor(t, 2*time.Second, "OnEnd called", func() bool { e, _ := rec.got(); return len(e) == 1 })
+	ends, lived := rec.got()
+	if e := ends[0]; e.Network != "udp" || e.Src != "10.0.0.1:1000" || e.Dst != "10.9.0.1:5000" || e.Outbound != "fake" || e.Rule != "final" ||
+		e.Upload != 4 || e.Download != 4 {
+		t.Errorf("OnEnd = %+v, want udp 10.0.0.1:1000 → 10.9.0.1:5000 via fake, rule final, 4 bytes each way", e)
+	}
+	if lived[0] <= 0 || lived[0] > 5*time.Second {
+		t.Errorf("OnEnd lived = %v", lived[0])
+	}
 }
 
 // countedReader returns n bytes a Read, forever.

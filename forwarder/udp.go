@@ -230,14 +230,16 @@ func (t *UDPTable) open(key udpKey, src, dst netip.AddrPort) (s *udpSession, ref
 // remove deletes s from the table if it is still the entry for its key.
 func (t *UDPTable) remove(s *udpSession) {
 	t.mu.Lock()
-	if t.sessions[s.key] == s {
+	mine := t.sessions[s.key] == s
+	if mine {
 		delete(t.sessions, s.key)
 		t.stats.Active.Add(-1)
-		if t.cfg.Tracker != nil {
-			t.cfg.Tracker.untrack(s.tracked)
-		}
 	}
 	t.mu.Unlock()
+	// Outside the table's lock: the tracker's OnEnd may log.
+	if mine && t.cfg.Tracker != nil {
+		t.cfg.Tracker.untrack(s.tracked)
+	}
 }
 
 // expireLoop closes mappings idle past their timeout. One goroutine for

@@ -117,13 +117,14 @@ func onlyResolvedStub(ups []string) bool {
 }
 
 // newDNSProxy builds the DNS proxy of cfg; its upstream queries go through
-// dialer.
-func newDNSProxy(cfg *configs.Config, dialer outbound.Dialer, log *slog.Logger) (*dnsproxy.Proxy, error) {
+// dialer. It returns the upstreams it asks (the system's when
+// dns.upstreams is empty).
+func newDNSProxy(cfg *configs.Config, dialer outbound.Dialer, log *slog.Logger) (*dnsproxy.Proxy, []string, error) {
 	upstreams := cfg.DNS.Upstreams
 	if len(upstreams) == 0 {
 		var err error
 		if upstreams, err = systemUpstreams(cfg); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 	}
 	// Upstreams given by name (tls://dns.example) are resolved once through
@@ -134,7 +135,7 @@ func newDNSProxy(cfg *configs.Config, dialer outbound.Dialer, log *slog.Logger) 
 			bootstrap = append(bootstrap, up.Addr)
 		}
 	}
-	return dnsproxy.New(dnsproxy.Config{
+	p, err := dnsproxy.New(dnsproxy.Config{
 		Mode:        cfg.DNS.Mode,
 		Upstreams:   upstreams,
 		Bootstrap:   bootstrap,
@@ -145,6 +146,7 @@ func newDNSProxy(cfg *configs.Config, dialer outbound.Dialer, log *slog.Logger) 
 		FakeExclude: cfg.DNS.FakeIP.Exclude,
 		Store:       cfg.DNS.FakeIP.Store,
 	}, dialer, log)
+	return p, upstreams, err
 }
 
 // swappableDialer is the outbound the DNS proxy's upstream queries go

@@ -140,6 +140,10 @@ func New(cfg *configs.Config, deps Deps) (*Gateway, error) {
 		return nil, err
 	}
 	g := &Gateway{log: discardIfNil(deps.Log), deps: deps, cfg: cfg, tracker: forwarder.NewTracker()}
+	if cfg.Log.Flows {
+		flows := g.log.With("component", "flow")
+		g.tracker.OnEnd = func(c forwarder.ConnInfo, lived time.Duration) { logFlowEnd(flows, c, lived) }
+	}
 	rule := modeRule
 	g.mode.Store(&rule)
 	return g, nil
@@ -159,6 +163,12 @@ func preflight(cfg *configs.Config) error {
 	}
 	closeDialers(set.all())
 	return nil
+}
+
+// logFlowEnd is log.flows: one line per ended TCP flow or UDP session.
+func logFlowEnd(log *slog.Logger, c forwarder.ConnInfo, lived time.Duration) {
+	log.Info("flow end", "network", c.Network, "inbound", c.Inbound, "src", c.Src, "dst", c.Dst, "domain", c.Domain,
+		"rule", c.Rule, "outbound", c.Outbound, "up", c.Upload, "down", c.Download, "duration", lived.Round(time.Millisecond))
 }
 
 // Tracker returns the connection tracker: every live flow.
@@ -194,9 +204,10 @@ func (g *Gateway) Start() (err error) {
 	}
 	g.current.Store(newTable(cfg, r, g.outs.dialers))
 
+	var upstreams []string // the DNS proxy's, for the first screen
 	if cfg.DNS.Enabled {
 		g.dnsOut.set(g.outs.dialers[cfg.DNSOutbound()])
-		if g.dns, err = newDNSProxy(cfg, &g.dnsOut, g.log.With("component", "dns")); err != nil {
+		if g.dns, upstreams, err = newDNSProxy(cfg, &g.dnsOut, g.log.With("component", "dns")); err != nil {
 			return err
 		}
 		g.resolver.p.Store(g.dns)
@@ -248,7 +259,7 @@ func (g *Gateway) Start() (err error) {
 	g.stack.Start(func(err error) bool { return errors.Is(err, tun.ErrClosed) || errors.Is(err, os.ErrClosed) })
 
 	if cfg.API.Listen != "" {
-		g.api, err = api.New(api.Config{Listen: cfg.API.Listen, Secret: cfg.API.Secret, CORS: cfg.API.CORS, UI: cfg.API.UI, Logs: g.deps.Logs}, g.metrics(), apiBackend{g}, g.log.With("component", "api"))
+		g.api, err = api.New(api.Config{Listen: cfg.API.Listen, Secret: cfg.API.Secret, CORS: cfg.API.CORS, UI: cfg.API.UI, PProf: cfg.API.PProf, Logs: g.deps.Logs}, g.metrics(), apiBackend{g}, g.log.With("component", "api"))
 		if err != nil {
 			return err
 		}
@@ -267,6 +278,13 @@ func (g *Gateway) Start() (err error) {
 	}
 	if cfg.DNS.Enabled {
 		g.log.Info("dns proxy running", "mode", cfg.DNS.Mode, "listen", cfg.DNS.Listen, "hijack", strings.Join(cfg.DNS.Hijack, ","), "outbound", cfg.DNSOutbound())
+	}
+	sc := screen{tun: g.dev.Name(), upstreams: upstreams}
+	if g.api != nil {
+		sc.api = g.api.Addr().String()
+	}
+	for _, line := range firstScreen(cfg, sc) {
+		g.log.Info(line)
 	}
 	g.state = stateRunning
 	return nil

@@ -64,7 +64,7 @@ func running(t testing.TB, cfg *configs.Config, log *testlog.Buffer) *Gateway {
 	g.current.Store(newTable(cfg, r, g.outs.dialers))
 	if cfg.DNS.Enabled {
 		g.dnsOut.set(g.outs.dialers[cfg.DNSOutbound()])
-		if g.dns, err = newDNSProxy(cfg, &g.dnsOut, nil); err != nil {
+		if g.dns, _, err = newDNSProxy(cfg, &g.dnsOut, nil); err != nil {
 			t.Fatalf("newDNSProxy: %v", err)
 		}
 		t.Cleanup(func() { g.dns.Close() })

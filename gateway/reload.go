@@ -68,6 +68,7 @@ func (g *Gateway) apply(next *configs.Config) error {
 	// What is not live keeps its running value.
 	effective.Tun, effective.Stack, effective.Route, effective.API = prev.Tun, prev.Stack, prev.Route, prev.API
 	effective.Log.Format = prev.Log.Format
+	effective.Log.Flows = prev.Log.Flows // the tracker's hook is set once, in New
 	dns := prev.DNS
 	dns.Hijack, dns.Outbound = next.DNS.Hijack, next.DNS.Outbound
 	effective.DNS = dns

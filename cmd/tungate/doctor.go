@@ -6,6 +6,7 @@ import (
 	"io"
 	"net/netip"
 	"os"
+	"strconv"
 	"strings"
 
 	"github.com/spf13/cobra"
@@ -25,7 +26,7 @@ func newDoctorCmd() *cobra.Command {
 	var (
 		path    string
 		explain []string
-		uid     int64
+		uid     uidFlag
 	)
 	cmd := &cobra.Command{
 		Use:   "doctor",
@@ -52,12 +53,7 @@ it finds a problem. Run it where tungate runs (same network namespace).`,
 				}
 				queries = append(queries, q)
 			}
-			var uidp *uint32
-			if uid >= 0 {
-				u := uint32(uid)
-				uidp = &u
-			}
-			n, err := runDoctor(cmd.OutOrStdout(), cfg, path, queries, uidp)
+			n, err := runDoctor(cmd.OutOrStdout(), cfg, path, queries, uid.uid)
 			if err != nil {
 				return err
 			}
@@ -69,10 +65,34 @@ it finds a problem. Run it where tungate runs (same network namespace).`,
 	}
 	cmd.Flags().StringVarP(&path, "config", "c", "", "YAML configuration file of the tungate to check (without it: the embedded default)")
 	cmd.Flags().StringArrayVar(&explain, "explain", nil, "ADDR:PORT/PROTO (e.g. 1.2.3.4:443/tcp, [2001:db8::1]:53/udp): how tungate and the kernel route it; repeatable")
-	cmd.Flags().Int64Var(&uid, "uid", -1, "with --explain: the uid of the app whose packets are looked up (default: doctor's own)")
+	cmd.Flags().Var(&uid, "uid", "with --explain: the uid of the app whose packets are looked up (default: doctor's own)")
 	configs.BindFlags(cmd.Flags())
 	return cmd
 }
+
+// uidFlag is --uid: unset until given, so that the usage text shows no
+// made-up default of its own (pflag prints a default only when its text
+// is not empty).
+type uidFlag struct{ uid *uint32 }
+
+func (f *uidFlag) String() string {
+	if f.uid == nil {
+		return ""
+	}
+	return strconv.FormatUint(uint64(*f.uid), 10)
+}
+
+func (f *uidFlag) Set(s string) error {
+	n, err := strconv.ParseUint(s, 10, 32)
+	if err != nil {
+		return errors.New("want a uid, 0 to 4294967295")
+	}
+	u := uint32(n)
+	f.uid = &u
+	return nil
+}
+
+func (f *uidFlag) Type() string { return "uid" }
 
 // explainQuery is one --explain destination.
 type explainQuery struct {

@@ -64,20 +64,23 @@ func newCheckCmd() *cobra.Command {
 	var path string
 	cmd := &cobra.Command{
 		Use:   "check",
-		Short: "Validate a configuration file and print every error with its key",
+		Short: "Validate a configuration (without --config: the embedded default) and print every error with its key",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if path == "" {
-				return errors.New("check needs --config FILE")
-			}
+			// Like run: environment and flags override the file, or the
+			// embedded default without one.
 			if _, err := configs.Load(path, cmd.Flags()); err != nil {
 				return err
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "%s: ok\n", path)
+			what := path
+			if what == "" {
+				what = "embedded default configuration (with TUNGATE_* environment overrides)"
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "%s: ok\n", what)
 			return nil
 		},
 	}
-	cmd.Flags().StringVarP(&path, "config", "c", "", "YAML configuration file")
+	cmd.Flags().StringVarP(&path, "config", "c", "", "YAML configuration file (without it: the embedded default)")
 	configs.BindFlags(cmd.Flags())
 	return cmd
 }
