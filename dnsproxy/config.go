@@ -32,7 +32,9 @@ type Config struct {
 	// Upstreams are "udp://1.2.3.4:53", "tcp://…", "tls://host-or-ip:853"
 	// or "https://host-or-ip/dns-query" (ports default to 53, 53, 853 and
 	// 443), tried in order with failover. Empty means the nameservers of
-	// /etc/resolv.conf as UDP upstreams, read once by New.
+	// /etc/resolv.conf as UDP upstreams, read once by New. When the
+	// dialer carries no UDP (outbound.UDPCarrier), udp:// upstreams are
+	// asked over TCP.
 	Upstreams []string
 	// Timeout bounds one attempt at one upstream; 0 means DefaultTimeout.
 	Timeout time.Duration

@@ -43,6 +43,7 @@ var errClosed = errors.New("dnsproxy: closed")
 type Proxy struct {
 	cfg       Config
 	log       *slog.Logger
+	failures  *failureLog
 	upstreams []*upstream
 	bootstrap []*upstream
 	preferred atomic.Int32 // index of the upstream that answered last
@@ -105,6 +106,7 @@ func New(cfg Config, dialer outbound.Dialer, log *slog.Logger) (*Proxy, error) {
 	p := &Proxy{
 		cfg:      cfg,
 		log:      log,
+		failures: newFailureLog(log, failureWindow),
 		cache:    newAnswerCache(cfg.CacheSize),
 		names:    newAddrNames(max(4*cfg.CacheSize, 4096)),
 		exclude:  newNameMatcher(cfg.FakeExclude),
@@ -137,6 +139,17 @@ func New(cfg Config, dialer outbound.Dialer, log *slog.Logger) (*Proxy, error) {
 		b = netip.AddrPortFrom(b.Addr().Unmap(), b.Port())
 		spec := Upstream{Scheme: SchemeUDP, Host: b.Addr().String(), Port: b.Port(), Addr: b}
 		p.bootstrap = append(p.bootstrap, newUpstream(spec, spec.String(), dialer, cfg.Timeout, nil))
+	}
+	if !carriesUDP(dialer) {
+		var udp []string
+		for _, u := range slices.Concat(p.upstreams, p.bootstrap) {
+			if u.spec.Scheme == SchemeUDP {
+				udp = append(udp, u.name)
+			}
+		}
+		if len(udp) > 0 {
+			log.Info("dns outbound carries no UDP: asking udp:// upstreams over TCP", "outbound", dialer.Name(), "upstreams", udp)
+		}
 	}
 	if cfg.Mode == ModeFakeIP {
 		p.fake = newFakeIPPool(cfg.FakeRange4, cfg.FakeRange6, log)
@@ -412,8 +425,10 @@ func (p *Proxy) fly(key cacheKey, cd bool, f *flight) {
 			p.cache.put(key, msg, ttl, p.now())
 			cached = true
 		}
-	} else {
-		p.log.Debug("dns query failed", "name", key.name, "type", dns.TypeToString[key.qtype], "err", err)
+	} else if p.ctx.Err() == nil {
+		// Each upstream's failure was logged (see failureLog); what the
+		// client gets is logged here, with the name.
+		p.log.Debug("dns query failed, answering SERVFAIL", "name", key.name, "type", dns.TypeToString[key.qtype], "err", err)
 	}
 	if !cached {
 		p.cache.refreshFailed(key) // a stale entry may try again
@@ -443,16 +458,22 @@ func (p *Proxy) queryUpstreams(ctx context.Context, key cacheKey, cd bool) (*dns
 	for i := 0; i < n && ctx.Err() == nil; i++ {
 		idx := (start + i) % n
 		uq.Id = dns.Id() // fresh per attempt, never the client's
-		resp, err := p.upstreams[idx].exchange(ctx, uq)
+		u := p.upstreams[idx]
+		resp, err := u.exchange(ctx, uq)
 		if err != nil {
 			errs = append(errs, err)
+			if ctx.Err() == nil {
+				p.failures.failed(u.name, err, 0)
+			}
 			continue
 		}
 		switch resp.Rcode {
 		case dns.RcodeServerFailure, dns.RcodeRefused:
+			p.failures.failed(u.name, nil, resp.Rcode)
 			failed = resp
 			continue
 		case dns.RcodeFormatError, dns.RcodeNotImplemented:
+			p.failures.failed(u.name, nil, resp.Rcode)
 			resp.Rcode = dns.RcodeServerFailure
 			failed = resp
 			continue
@@ -461,6 +482,7 @@ func (p *Proxy) queryUpstreams(ctx context.Context, key cacheKey, cd bool) (*dns
 		return resp, nil
 	}
 	if failed != nil {
+		p.log.Debug("dns query failed at every upstream, answering "+dns.RcodeToString[failed.Rcode], "name", key.name, "type", dns.TypeToString[key.qtype])
 		return failed, nil
 	}
 	if ctx.Err() != nil && len(errs) == 0 {

@@ -268,6 +268,9 @@ func (u *upstream) attempt(ctx context.Context, scheme string, addr netip.AddrPo
 	defer cancel()
 	var resp *dns.Msg
 	var err error
+	if scheme == SchemeUDP && !carriesUDP(u.dialer) {
+		scheme = SchemeTCP // the outbound carries TCP only (New said so)
+	}
 	switch scheme {
 	case SchemeUDP:
 		resp, err = exchangeUDP(ctx, u.dialer, u.target(addr), m)
@@ -289,7 +292,9 @@ func timeoutError(ctx context.Context, err error, timeout time.Duration) error {
 
 // exchangeUDP sends m from a fresh UDP session (so a fresh source port) and
 // waits for a reply from dst that carries m's ID and question; anything else
-// arriving on the session is ignored. ctx bounds the wait.
+// arriving on the session is ignored. ctx bounds the wait; an ICMP error
+// from dst that the outbound reports (port unreachable: the upstream
+// refused) ends it at once.
 func exchangeUDP(ctx context.Context, d outbound.Dialer, dst outbound.Target, m *dns.Msg) (*dns.Msg, error) {
 	packed, err := m.Pack()
 	if err != nil {
@@ -314,6 +319,12 @@ func exchangeUDP(ctx context.Context, d outbound.Dialer, dst outbound.Target, m 
 			if ctx.Err() != nil {
 				return nil, ctx.Err()
 			}
+			var unreachable *outbound.UnreachableError
+			if errors.As(err, &unreachable) && netip.AddrPortFrom(unreachable.From.Addr().Unmap(), unreachable.From.Port()) != dst.Addr {
+				continue // about some other datagram: not ours to fail on
+			}
+			// An ICMP error from dst (port unreachable: the upstream
+			// refused) fails the attempt at once, not at the timeout.
 			return nil, fmt.Errorf("receive: %w", err)
 		}
 		if from.Addr().Unmap() != dst.Addr.Addr() || from.Port() != dst.Addr.Port() {
@@ -325,6 +336,13 @@ func exchangeUDP(ctx context.Context, d outbound.Dialer, dst outbound.Target, m 
 		}
 		return resp, nil
 	}
+}
+
+// carriesUDP reports whether d can open UDP sessions: false for outbounds
+// that say they carry TCP only (outbound.UDPCarrier).
+func carriesUDP(d outbound.Dialer) bool {
+	c, ok := d.(outbound.UDPCarrier)
+	return !ok || c.CarriesUDP()
 }
 
 var udpBufPool = sync.Pool{New: func() any { b := make([]byte, dns.MaxMsgSize); return &b }}

@@ -12,6 +12,7 @@ import (
 	"encoding/pem"
 	"fmt"
 	"io"
+	"log/slog"
 	"math/big"
 	"net"
 	"net/http"
@@ -423,5 +424,53 @@ func TestDNSEncryptedUpstreams(t *testing.T) {
 			g.stop()
 			lab.App.WaitLinkGone(t, tunName, 5*time.Second)
 		})
+	}
+}
+
+// TestDNSDeadUpstreamFailsOver: the first upstream is a closed port on a
+// wan host, which answers ICMP port unreachable. The app's query is
+// answered by the second (dnsmasq) at once, not after the 3 s attempt
+// timeout, and tungate's log says at WARN which upstream failed and why.
+func TestDNSDeadUpstreamFailsOver(t *testing.T) {
+	lab := netlab.New(t)
+	dnsmasq := startDnsmasq(t, lab)
+	dead := "udp://" + netlab.Remote4(5).String() + ":5353"
+	g := startGateway(t, lab, dnsConfig("real", dead, "udp://"+netlab.Remote4(5).String()+":53"))
+
+	start := time.Now()
+	r := query(t, lab, "udp", dnsListen+":53", "web.test", dns.TypeA)
+	took := time.Since(start)
+	wantAddrs(t, "web.test past a dead first upstream", r, webAddr4)
+	t.Logf("answered in %v past the dead upstream", took)
+	if took >= time.Second {
+		t.Errorf("the answer took %v, want < 1s: the refusal should fail over at once", took)
+	}
+	line := g.waitLogLine(5*time.Second, slog.LevelWarn, "dns upstream failed", slog.String("upstream", dead), slog.String("cause", "refused"))
+	if !strings.Contains(line, "connection refused") {
+		t.Errorf("WARN line %q, want the cause's error in it", line)
+	}
+	if n := upstreamQueries(t, dnsmasq, "A", "web.test"); n != 1 {
+		t.Errorf("dnsmasq got %d A queries for web.test, want 1", n)
+	}
+}
+
+// TestDNSThroughHTTPProxyAsksOverTCP: with dns.outbound an HTTP proxy
+// (TCP only), the udp:// upstream is asked over TCP through the proxy, and
+// tungate says so at start.
+func TestDNSThroughHTTPProxyAsksOverTCP(t *testing.T) {
+	lab := netlab.New(t)
+	startDnsmasq(t, lab)
+	tp := startTinyproxy(t, lab)
+	up := "udp://" + netlab.Remote4(5).String() + ":53"
+	cfg := dnsConfig("real", up)
+	cfg["outbounds"] = []any{map[string]any{"name": "web", "type": "http", "address": tinyproxyAddr.String()}, directOutbound()}
+	cfg["final"] = "direct"
+	cfg["dns"].(map[string]any)["outbound"] = "web"
+	g := startGateway(t, lab, cfg)
+	g.waitLogLine(5*time.Second, slog.LevelInfo, "dns outbound carries no UDP: asking udp:// upstreams over TCP", slog.String("outbound", "web"))
+
+	wantAddrs(t, "web.test through the HTTP proxy", query(t, lab, "udp", dnsListen+":53", "web.test", dns.TypeA), webAddr4)
+	if !strings.Contains(tp.Log(), netlab.Remote4(5).String()) {
+		t.Errorf("tinyproxy's log shows no CONNECT to %s:\n%s", netlab.Remote4(5), tp.Log())
 	}
 }

@@ -286,9 +286,11 @@ func TestSOCKS5Microsocks(t *testing.T) {
 	}
 }
 
-func TestHTTPConnectTinyproxy(t *testing.T) {
+// startTinyproxy runs tinyproxy in wan on tinyproxyAddr, logging every
+// CONNECT.
+func startTinyproxy(t *testing.T, lab *netlab.Lab) *netlab.Proc {
+	t.Helper()
 	bin := netlab.RequireBinary(t, "tinyproxy")
-	lab := netlab.New(t)
 	dir := t.TempDir()
 	conf := fmt.Sprintf("User root\nGroup root\nPort %d\nListen %s\nTimeout 60\nLogLevel Connect\nMaxClients 100\nAllow 10.233.0.0/16\nDisableViaHeader Yes\n",
 		tinyproxyAddr.Port(), tinyproxyAddr.Addr())
@@ -296,6 +298,12 @@ func TestHTTPConnectTinyproxy(t *testing.T) {
 	os.WriteFile(path, []byte(conf), 0o600)
 	tp := lab.Wan.Start(t, bin, "-d", "-c", path)
 	lab.Wan.WaitListen(t, "tcp", tinyproxyAddr.String(), 5*time.Second)
+	return tp
+}
+
+func TestHTTPConnectTinyproxy(t *testing.T) {
+	lab := netlab.New(t)
+	tp := startTinyproxy(t, lab)
 	const seed = 0x4770
 	bulkServer(t, lab.Wan, remote4(1, 5001), seed)
 	g := startGateway(t, lab, proxyConfig(

@@ -103,7 +103,7 @@ func (d *fakeDialer) ListenUDP(ctx context.Context, first outbound.Target) (outb
 	if n < len(d.listenErrs) && d.listenErrs[n] != nil {
 		return nil, d.listenErrs[n]
 	}
-	c := &fakePacketConn{first: first.Addr, echo: d.echo, onWrite: d.onWrite, in: make(chan fakeDatagram, 64), closed: make(chan struct{})}
+	c := &fakePacketConn{first: first.Addr, echo: d.echo, onWrite: d.onWrite, in: make(chan fakeDatagram, 64), inErr: make(chan error, 1), closed: make(chan struct{})}
 	d.mu.Lock()
 	d.conns = append(d.conns, c)
 	d.mu.Unlock()
@@ -146,6 +146,7 @@ type fakePacketConn struct {
 	echo  bool
 
 	in        chan fakeDatagram
+	inErr     chan error // errors ReadPacket returns, as ICMP errors
 	closed    chan struct{}
 	closeOnce sync.Once
 
@@ -159,6 +160,12 @@ func (c *fakePacketConn) ReadPacket(b []byte) (int, netip.AddrPort, error) {
 	select {
 	case d := <-c.in:
 		return copy(b, d.payload), d.addr, nil
+	case err := <-c.inErr:
+		var from netip.AddrPort
+		if u, ok := err.(*outbound.UnreachableError); ok {
+			from = u.From
+		}
+		return 0, from, err
 	case <-c.closed:
 		return 0, netip.AddrPort{}, errClosed
 	}

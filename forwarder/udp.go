@@ -569,6 +569,13 @@ func (s *udpSession) readLoop() {
 	for {
 		n, from, err := s.conn.ReadPacket(buf)
 		if err != nil {
+			var unreachable *outbound.UnreachableError
+			if errors.As(err, &unreachable) {
+				// One remote is unreachable; the mapping still serves
+				// the others.
+				t.log.Debug("udp upstream unreachable", "outbound", s.dialer.Name(), "src", s.src, "err", err)
+				continue
+			}
 			s.close()
 			return
 		}

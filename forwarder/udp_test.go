@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strconv"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -591,5 +592,33 @@ func TestUDPCloseCancelsOpen(t *testing.T) {
 	closeWithin(t, tbl, 2*time.Second)
 	if got := tbl.Len(); got != 0 {
 		t.Errorf("Len() = %d after Close, want 0", got)
+	}
+}
+
+// TestUDPUnreachableRemoteKeepsMapping: an ICMP error from one remote
+// (ReadPacket's *outbound.UnreachableError) does not end the mapping:
+// replies from the others still reach the app, and the app's next
+// datagram goes out on the same session.
+func TestUDPUnreachableRemoteKeepsMapping(t *testing.T) {
+	leakcheck.Check(t)
+	d := &fakeDialer{name: "fake"}
+	tbl, rec := newUDPTable(t, longUDPConfig(), routeTo(d))
+	if !tbl.Handle(appSrc, remote1, []byte("to-1")) {
+		t.Fatalf("Handle(%s, %s): refused", appSrc, remote1)
+	}
+	waitFor(t, 2*time.Second, "one session", func() bool { return len(d.sessions()) == 1 })
+	sess := d.sessions()[0]
+	sess.inErr <- &outbound.UnreachableError{From: remote1, Err: syscall.ECONNREFUSED}
+	sess.inject(t, remote2, "from-2")
+	waitFor(t, 2*time.Second, "the reply from the other remote at the app", func() bool { return len(rec.received()) == 1 })
+	if got, want := rec.received()[0], (appDatagram{"from-2", remote2, appSrc}); got != want {
+		t.Errorf("app received %v, want %v", got, want)
+	}
+	if !tbl.Handle(appSrc, remote2, []byte("to-2")) {
+		t.Fatalf("Handle(%s, %s): refused", appSrc, remote2)
+	}
+	waitFor(t, 2*time.Second, "the second datagram on the same session", func() bool { return len(sess.written()) == 2 })
+	if n, _ := d.listenCount(); n != 1 || sess.closeCount() != 0 {
+		t.Errorf("ListenUDP called %d times, session closed %d times; want 1 and 0", n, sess.closeCount())
 	}
 }

@@ -174,3 +174,11 @@ func (s *swappableDialer) DialTCP(ctx context.Context, dst outbound.Target) (out
 func (s *swappableDialer) ListenUDP(ctx context.Context, first outbound.Target) (outbound.PacketConn, error) {
 	return s.get().ListenUDP(ctx, first)
 }
+
+// CarriesUDP implements outbound.UDPCarrier for the current outbound, so
+// that the DNS proxy asks its udp:// upstreams over TCP through one that
+// carries TCP only.
+func (s *swappableDialer) CarriesUDP() bool {
+	c, ok := s.get().(outbound.UDPCarrier)
+	return !ok || c.CarriesUDP()
+}

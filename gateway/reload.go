@@ -91,7 +91,11 @@ func (g *Gateway) apply(next *configs.Config) error {
 	}
 	g.current.Store(newTable(&effective, r, set.dialers))
 	if g.dns != nil {
+		carried := g.dnsOut.CarriesUDP()
 		g.dnsOut.set(set.dialers[effective.DNSOutbound()])
+		if carried && !g.dnsOut.CarriesUDP() {
+			g.log.Info("dns outbound carries no UDP: asking udp:// upstreams over TCP", "outbound", g.dnsOut.Name())
+		}
 	}
 	ended := g.tracker.Retire(replaced...)
 	closeDialers(replaced)

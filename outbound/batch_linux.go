@@ -116,6 +116,7 @@ func (u *directUDP) sendRuns(ds []Datagram) (int, error) {
 		end := min(start+maxBatch, len(b.runs))
 		u.build(ds, b.runs[start:end])
 		msgs := b.msgs[:end-start]
+		retried := -1 // the message last sent again after an ICMP error
 		for i := 0; i < len(msgs); {
 			n, err := u.sendmmsg(msgs[i:])
 			if err == nil {
@@ -128,6 +129,12 @@ func (u *directUDP) sendRuns(ds []Datagram) (int, error) {
 			if errors.Is(err, unix.EAGAIN) {
 				// The socket buffer is full: the rest would fail alike.
 				return sent, cmp(firstErr, err)
+			}
+			if retried != i && u.tookICMPError() {
+				// An ICMP error about an earlier datagram failed this
+				// call, not this message: send it again, once.
+				retried = i
+				continue
 			}
 			r := b.runs[start+i]
 			if r.count > 1 {

@@ -225,6 +225,10 @@ func (d *Direct) ListenUDP(ctx context.Context, first Target) (PacketConn, error
 		c.Close()
 		return nil, fmt.Errorf("%s: udp socket for %s: %w", d.cfg.Name, first, err)
 	}
+	if err := enableICMPErrors(raw, network == "udp6"); err != nil {
+		c.Close()
+		return nil, fmt.Errorf("%s: udp socket for %s: %w", d.cfg.Name, first, err)
+	}
 	u := &directUDP{d: d, conn: c, raw: raw, v6: network == "udp6", iface: iface, dialed: sync.OnceFunc(d.dialing(netip.AddrPortFrom(to, first.Addr.Port())))}
 	if firstReal.IsValid() {
 		u.mapFake(first.Addr.Addr(), firstReal)
@@ -306,8 +310,26 @@ func (u *directUDP) mapFake(fake, realAddr netip.Addr) {
 	u.mapped.Store(true)
 }
 
+// ReadPacket implements PacketConn. A receive that fails on an ICMP error
+// (see enableICMPErrors) returns it as an *UnreachableError.
 func (u *directUDP) ReadPacket(b []byte) (int, netip.AddrPort, error) {
 	n, from, err := u.conn.ReadFromUDPAddrPort(b)
+	var unreachable *UnreachableError
+	if err != nil {
+		var errno syscall.Errno
+		if !errors.As(err, &errno) {
+			return n, from, err
+		}
+		dst, icmpErrno, ok := takeICMPErrors(u.raw)
+		if !ok {
+			return n, from, err
+		}
+		if icmpErrno == 0 {
+			icmpErrno = errno
+		}
+		from, unreachable = dst, &UnreachableError{Err: icmpErrno}
+		err = unreachable
+	}
 	a := from.Addr().Unmap()
 	if u.mapped.Load() {
 		u.mu.Lock()
@@ -316,7 +338,11 @@ func (u *directUDP) ReadPacket(b []byte) (int, netip.AddrPort, error) {
 		}
 		u.mu.Unlock()
 	}
-	return n, netip.AddrPortFrom(a, from.Port()), err
+	from = netip.AddrPortFrom(a, from.Port())
+	if unreachable != nil {
+		unreachable.From = from
+	}
+	return n, from, err
 }
 
 // errResolving is returned for a datagram to a placeholder whose name is
@@ -334,16 +360,32 @@ func (u *directUDP) WritePacket(b []byte, dst Target) error {
 }
 
 // sendOne sends one datagram, without waiting.
+//
+// A send that failed only because an ICMP error about an earlier datagram
+// was pending (the kernel hands it to whichever call comes next) is made
+// again, once.
 func (u *directUDP) sendOne(b []byte, to netip.AddrPort) error {
-	var serr error
-	err := u.raw.Write(func(fd uintptr) bool {
-		serr = sendtoNoWait(fd, b, to)
-		return true
-	})
-	if err != nil {
-		return err
+	for retried := false; ; retried = true {
+		var serr error
+		err := u.raw.Write(func(fd uintptr) bool {
+			serr = sendtoNoWait(fd, b, to)
+			return true
+		})
+		if err != nil {
+			return err
+		}
+		if serr == nil || retried || !u.tookICMPError() {
+			return serr
+		}
 	}
-	return serr
+}
+
+// tookICMPError empties the socket's error queue and reports whether it
+// held an ICMP error: a send that just failed did so on that error, not on
+// its own datagram.
+func (u *directUDP) tookICMPError() bool {
+	_, _, ok := takeICMPErrors(u.raw)
+	return ok
 }
 
 // dest is the address a datagram for dst goes to: dst itself, or the real

@@ -259,3 +259,99 @@ func TestDirectFixedInterface(t *testing.T) {
 		t.Errorf("InterfaceFor called %d times, %d sockets tracked; want neither", calls.Load(), d.bound.count())
 	}
 }
+
+// closedUDPPort returns a loopback address with no socket behind it: a
+// datagram sent there is answered with ICMP port unreachable.
+func closedUDPPort(t *testing.T, network, host string) netip.AddrPort {
+	t.Helper()
+	c, err := net.ListenPacket(network, net.JoinHostPort(host, "0"))
+	if err != nil {
+		t.Skipf("%s on %s: %v", network, host, err)
+	}
+	addr := c.LocalAddr().(*net.UDPAddr).AddrPort()
+	c.Close()
+	return netip.AddrPortFrom(addr.Addr().Unmap(), addr.Port())
+}
+
+// TestDirectUDPPortUnreachable: an ICMP port unreachable answering a
+// session's datagram comes out of ReadPacket at once as an
+// *UnreachableError that matches ErrRefused and names the closed port; the
+// session stays usable, and a send made while the error is pending is not
+// lost.
+func TestDirectUDPPortUnreachable(t *testing.T) {
+	for _, tc := range []struct{ network, host string }{{"udp4", "127.0.0.1"}, {"udp6", "::1"}} {
+		t.Run(tc.network, func(t *testing.T) {
+			dead := closedUDPPort(t, tc.network, tc.host)
+			echo, err := net.ListenPacket(tc.network, net.JoinHostPort(tc.host, "0"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer echo.Close()
+			echoAddr := echo.LocalAddr().(*net.UDPAddr).AddrPort()
+			go func() {
+				buf := make([]byte, 1500)
+				for {
+					n, from, err := echo.ReadFrom(buf)
+					if err != nil {
+						return
+					}
+					echo.WriteTo(buf[:n], from)
+				}
+			}()
+
+			d, err := NewDirect(DirectConfig{Name: "direct"}, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			pc, err := d.ListenUDP(context.Background(), Target{Addr: dead})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer pc.Close()
+			timer := time.AfterFunc(2*time.Second, func() { pc.Close() })
+			defer timer.Stop()
+			buf := make([]byte, 1500)
+
+			// The refusal is read.
+			start := time.Now()
+			if err := pc.WritePacket([]byte("to the dead port"), Target{Addr: dead}); err != nil {
+				t.Fatalf("WritePacket(%s): %v", dead, err)
+			}
+			_, from, err := pc.ReadPacket(buf)
+			took := time.Since(start)
+			var unreachable *UnreachableError
+			if !errors.As(err, &unreachable) || !errors.Is(err, ErrRefused) || !errors.Is(err, syscall.ECONNREFUSED) {
+				t.Fatalf("ReadPacket after a datagram to %s: err = %v (%T), want an *UnreachableError matching ErrRefused", dead, err, err)
+			}
+			if from != dead || unreachable.From != dead {
+				t.Errorf("ReadPacket: from = %s, UnreachableError.From = %s, want %s", from, unreachable.From, dead)
+			}
+			if took > 500*time.Millisecond {
+				t.Errorf("the refusal took %v to surface, want it at once", took)
+			}
+
+			// The refusal is pending when the next datagram is sent: that
+			// datagram still goes out.
+			if err := pc.WritePacket([]byte("again to the dead port"), Target{Addr: dead}); err != nil {
+				t.Fatal(err)
+			}
+			time.Sleep(50 * time.Millisecond) // the ICMP error arrives
+			if err := pc.WritePacket([]byte("ping"), Target{Addr: echoAddr}); err != nil {
+				t.Fatalf("WritePacket(%s) with an ICMP error pending: %v", echoAddr, err)
+			}
+			for {
+				n, from, err := pc.ReadPacket(buf)
+				if errors.As(err, &unreachable) {
+					continue // the send took it, or it is reported now: either is right
+				}
+				if err != nil {
+					t.Fatalf("ReadPacket: %v, want the echo from %s", err, echoAddr)
+				}
+				if from != echoAddr || string(buf[:n]) != "ping" {
+					t.Fatalf("ReadPacket = %q from %s, want \"ping\" from %s", buf[:n], from, echoAddr)
+				}
+				break
+			}
+		})
+	}
+}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"syscall"
 )
 
 // Target is where a flow wants to go. Addr is always set (for fake-ip flows
@@ -52,7 +53,11 @@ type TCPConn interface {
 // PacketConn is one UDP session towards the upstream.
 //
 // ReadPacket blocks until a datagram from any remote arrives and returns the
-// remote's address as the source. WritePacket sends b to dst without
+// remote's address as the source. Where the outbound learns of them (direct,
+// on Linux), an ICMP error answering one of the session's datagrams is
+// returned as an *UnreachableError whose From is also returned as the
+// source; the session stays usable and the caller may read on. Any other
+// error ends the session. WritePacket sends b to dst without
 // blocking on the network (a full socket buffer drops, as UDP does). Close
 // unblocks a pending ReadPacket.
 type PacketConn interface {
@@ -82,6 +87,23 @@ type BatchWriter interface {
 // unreachable, instead of opening a session that can only fail.
 type UDPCarrier interface {
 	CarriesUDP() bool
+}
+
+// UnreachableError is returned by PacketConn.ReadPacket when a datagram the
+// session sent to From was answered with an ICMP error (port, host or
+// network unreachable). A port unreachable satisfies
+// errors.Is(err, ErrRefused).
+type UnreachableError struct {
+	From netip.AddrPort
+	Err  error // the errno: syscall.ECONNREFUSED for a closed port
+}
+
+func (e *UnreachableError) Error() string { return fmt.Sprintf("%s: %v", e.From, e.Err) }
+func (e *UnreachableError) Unwrap() error { return e.Err }
+
+// Is makes a port unreachable match ErrRefused.
+func (e *UnreachableError) Is(target error) bool {
+	return target == ErrRefused && errors.Is(e.Err, syscall.ECONNREFUSED)
 }
 
 // ErrRefused marks a dial that the upstream (or a reject outbound) refused,
