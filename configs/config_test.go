@@ -315,6 +315,9 @@ func TestEnvironmentValueIsValidated(t *testing.T) {
 	if !errors.As(err, &ve) || len(ve.Errors) != 1 || ve.Errors[0].Key != "stack.tcp.dial_timeout" {
 		t.Fatalf("Load with TUNGATE_STACK_TCP_DIAL_TIMEOUT=soon = %v, want one error for stack.tcp.dial_timeout", err)
 	}
+	if !strings.Contains(ve.Errors[0].Msg, "from the environment variable TUNGATE_STACK_TCP_DIAL_TIMEOUT") {
+		t.Errorf("the error does not name the variable it came from: %v", err)
+	}
 }
 
 func TestFlagOverrides(t *testing.T) {

@@ -56,7 +56,25 @@ func Load(path string, flags *pflag.FlagSet) (*Config, error) {
 	if err != nil {
 		return nil, err
 	}
-	return decodeAndValidate(v.AllSettings())
+	cfg, err := decodeAndValidate(v.AllSettings())
+	var ve *ValidationError
+	if errors.As(err, &ve) {
+		nameEnvironmentSources(ve)
+	}
+	return cfg, err
+}
+
+// nameEnvironmentSources adds to each problem whose value came from a
+// TUNGATE_* variable that variable's name: the file may be fine, and the
+// user must know where to look.
+func nameEnvironmentSources(ve *ValidationError) {
+	for i, fe := range ve.Errors {
+		key, _, _ := strings.Cut(fe.Key, "[")
+		name := envPrefix + "_" + strings.ToUpper(strings.ReplaceAll(key, ".", "_"))
+		if _, set := os.LookupEnv(name); set {
+			ve.Errors[i].Msg += " (from the environment variable " + name + ")"
+		}
+	}
 }
 
 // newViper layers the configuration sources, lowest precedence first.
