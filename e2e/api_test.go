@@ -364,7 +364,9 @@ func TestAPIConnectionsStreamCost(t *testing.T) {
 	const flows = 1000
 	lab := netlab.New(t)
 	cfg := apiConfig()
-	cfg["api"] = map[string]any{"listen": apiAddr} // the harness scrapes /metrics without a token
+	// No token: the harness scrapes /metrics without one. The profiler
+	// gives a goroutine dump if one is left behind.
+	cfg["api"] = map[string]any{"listen": apiAddr, "pprof": true}
 	g := startGateway(t, lab, cfg)
 	lab.Wan.TCPEcho(t, remote4(1, 7))
 	echo(t, lab, remote4(1, 7)) // warm up pools and timers
@@ -413,7 +415,14 @@ func TestAPIConnectionsStreamCost(t *testing.T) {
 	}
 	open = nil
 	g.waitMetric("tungate_tcp_flows_active", 10*time.Second, "0", func(v float64) bool { return v == 0 })
-	g.waitMetric("go_goroutines", 10*time.Second, fmt.Sprintf("back to the baseline %v", goroutines), func(v float64) bool { return v <= goroutines })
+	deadline := time.Now().Add(20 * time.Second)
+	for g.metric("go_goroutines") > goroutines {
+		if time.Now().After(deadline) {
+			_, dump := g.apiCall("GET", "/debug/pprof/goroutine?debug=1", "", false)
+			t.Fatalf("go_goroutines = %v 20 s after the client closed, want the baseline %v; goroutines:\n%s", g.metric("go_goroutines"), goroutines, dump)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
 
 // TestAPIDNS: /dns/query answers as the proxy does (a fake-ip address),
