@@ -15,7 +15,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -23,6 +22,7 @@ import (
 	"github.com/chromedp/chromedp"
 
 	"github.com/tungate/tungate/internal/netlab"
+	"github.com/tungate/tungate/internal/testlog"
 )
 
 const (
@@ -238,26 +238,7 @@ func servePage(t *testing.T, ns *netlab.NS, page string) string {
 // driven over its DevTools pipe.
 type chromiumBrowser struct {
 	ctx context.Context // the chromedp context that owns the browser
-	out *lockedBuffer   // what chromium printed
-}
-
-// lockedBuffer is a bytes.Buffer safe for a writer and a reader on
-// different goroutines.
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
+	out *testlog.Buffer // what chromium printed
 }
 
 // startChromium starts headless chromium inside ns (`ip netns exec`, so
@@ -277,7 +258,7 @@ func startChromium(t *testing.T, ns *netlab.NS, chromium string) *chromiumBrowse
 	if err != nil {
 		t.Fatal(err)
 	}
-	out := &lockedBuffer{}
+	out := &testlog.Buffer{}
 	opts := []chromedp.ExecAllocatorOption{
 		chromedp.ExecPath(chromium),
 		chromedp.UserDataDir(profile),

@@ -398,9 +398,10 @@ func (g *Gateway) routeFlow(f *forwarder.Flow) outbound.Dialer {
 	d, dialer := g.route(Meta{Network: f.Network, Inbound: f.Inbound, Src: f.Src, Dst: f.Dst, UID: f.UID})
 	f.Domain, f.DomainSource = d.Domain, d.DomainSource
 	f.Rule, f.RulePayload, f.Chain = d.RuleName, d.RulePayload, d.Chain
-	if a := f.Dst.Addr(); g.dns != nil && g.dns.IsFake(a) {
+	if a := f.Dst.Addr(); d.DomainSource == "fake-ip" {
 		// A live flow keeps its fake address from being recycled to
-		// another name.
+		// another name (the routing step found the mapping; an address
+		// without one has nothing to pin).
 		g.dns.Pin(a)
 		f.Release = func() { g.dns.Unpin(a) }
 	}

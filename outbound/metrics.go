@@ -15,14 +15,16 @@ type ProxyStats struct {
 	Refused uint64
 }
 
-func proxyDesc(name, help string, labels ...string) *prometheus.Desc {
+// NewOutboundDesc returns the description of a metric labelled by
+// outbound (and labels), named tungate_outbound_NAME.
+func NewOutboundDesc(name, help string, labels ...string) *prometheus.Desc {
 	return prometheus.NewDesc("tungate_outbound_"+name, help, append([]string{"outbound"}, labels...), nil)
 }
 
 var (
-	proxyDials    = proxyDesc("proxy_dials_total", "Connections opened to a proxy (CONNECT, UDP ASSOCIATE).")
-	proxyFailures = proxyDesc("proxy_dial_failures_total", "Proxy dials that failed other than by a refusal (unreachable, silent, protocol error).")
-	proxyRefused  = proxyDesc("proxy_refused_total", "Proxy dials refused (by the destination via the proxy, failed authentication, the proxy's port closed).")
+	proxyDials    = NewOutboundDesc("proxy_dials_total", "Connections opened to a proxy (CONNECT, UDP ASSOCIATE).")
+	proxyFailures = NewOutboundDesc("proxy_dial_failures_total", "Proxy dials that failed other than by a refusal (unreachable, silent, protocol error).")
+	proxyRefused  = NewOutboundDesc("proxy_refused_total", "Proxy dials refused (by the destination via the proxy, failed authentication, the proxy's port closed).")
 )
 
 // CollectProxyStats sends a proxy outbound's dial counters, labelled with
@@ -31,10 +33,4 @@ func CollectProxyStats(ch chan<- prometheus.Metric, name string, st ProxyStats) 
 	ch <- prometheus.MustNewConstMetric(proxyDials, prometheus.CounterValue, float64(st.Dials), name)
 	ch <- prometheus.MustNewConstMetric(proxyFailures, prometheus.CounterValue, float64(st.DialFailures), name)
 	ch <- prometheus.MustNewConstMetric(proxyRefused, prometheus.CounterValue, float64(st.Refused), name)
-}
-
-// NewOutboundDesc returns the description of a metric labelled by
-// outbound (and labels), named tungate_outbound_NAME.
-func NewOutboundDesc(name, help string, labels ...string) *prometheus.Desc {
-	return proxyDesc(name, help, labels...)
 }

@@ -133,13 +133,6 @@ func (c *resolvChange) String() string {
 	return "resolver change of kind " + c.Kind
 }
 
-// Journal operations, those of the route journal.
-const (
-	opBegin = "begin"
-	opAdd   = "add"
-	opAbort = "abort"
-)
-
 // dnsRecord is one line of the system DNS journal; the ops are those of
 // the route journal.
 type dnsRecord struct {
@@ -178,14 +171,14 @@ func parseDNSJournal(data []byte) (changes []*resolvChange, problems []string) {
 			continue
 		}
 		switch rec.Op {
-		case opBegin:
-		case opAdd:
+		case wal.OpBegin:
+		case wal.OpAdd:
 			if rec.Resolv == nil || (rec.Resolv.Kind != resolvFile && rec.Resolv.Kind != resolvResolved) {
 				problems = append(problems, fmt.Sprintf("line %d: an add record needs a resolv change of a known kind", i+1))
 				continue
 			}
 			adds = append(adds, pending{rec.Seq, rec.Resolv})
-		case opAbort:
+		case wal.OpAbort:
 			aborted[rec.Seq] = true
 		default:
 			problems = append(problems, fmt.Sprintf("line %d: unknown op %q", i+1, rec.Op))
@@ -539,9 +532,9 @@ func setSystemDNS(c Config, ops dnsOps, log *slog.Logger) (*SystemDNS, error) {
 		ch.Written = resolvContent(c.Server, cur, c.Journal)
 	}
 	s := &SystemDNS{log: log, ops: ops, j: j, ch: ch}
-	err = j.Append(dnsRecord{Op: opBegin, PID: os.Getpid()})
+	err = j.Append(dnsRecord{Op: wal.OpBegin, PID: os.Getpid()})
 	if err == nil {
-		err = j.Append(dnsRecord{Op: opAdd, Seq: j.NextSeq(), Resolv: ch})
+		err = j.Append(dnsRecord{Op: wal.OpAdd, Seq: j.NextSeq(), Resolv: ch})
 	}
 	if err != nil {
 		j.Remove()

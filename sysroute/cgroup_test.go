@@ -5,6 +5,8 @@ import (
 	"io/fs"
 	"strings"
 	"testing"
+
+	"github.com/tungate/tungate/internal/wal"
 )
 
 // fakeHierarchy is a cgroup hierarchy of the given directories (paths
@@ -89,7 +91,7 @@ func TestNFTableOwned(t *testing.T) {
 }
 
 func TestOwnedEntryNFTable(t *testing.T) {
-	begin := &record{Op: opBegin, Table: 2022, First: 9000, Last: 9003}
+	begin := &record{Op: wal.OpBegin, Table: 2022, First: 9000, Last: 9003}
 	for _, tc := range []struct {
 		name  string
 		begin *record

@@ -27,13 +27,6 @@ import (
 // so a second one sharing the path refuses to start instead of undoing the
 // first one's routes.
 
-// Journal operations.
-const (
-	opBegin = "begin"
-	opAdd   = "add"
-	opAbort = "abort"
-)
-
 // record is one line of the journal.
 type record struct {
 	Op  string `json:"op"`
@@ -71,12 +64,12 @@ func openJournal(path string) (*journal, error) {
 // added and returns the record's sequence number, for abort.
 func (j *journal) add(e journalEntry) (int, error) {
 	seq := j.NextSeq()
-	return seq, j.Append(record{Op: opAdd, Seq: seq, Route: e.Route, Rule: e.Rule, NFTable: e.NFTable})
+	return seq, j.Append(record{Op: wal.OpAdd, Seq: seq, Route: e.Route, Rule: e.Rule, NFTable: e.NFTable})
 }
 
 // abort records that the add with sequence seq failed.
 func (j *journal) abort(seq int) error {
-	return j.Append(record{Op: opAbort, Seq: seq})
+	return j.Append(record{Op: wal.OpAbort, Seq: seq})
 }
 
 // journalEntry is one added object to undo: exactly one of the fields is
@@ -144,19 +137,19 @@ func parseJournal(data []byte) parsedJournal {
 			continue
 		}
 		switch rec.Op {
-		case opBegin:
+		case wal.OpBegin:
 			if p.Begin == nil {
 				b := rec
 				p.Begin = &b
 			}
-		case opAdd:
+		case wal.OpAdd:
 			e := journalEntry{Route: rec.Route, Rule: rec.Rule, NFTable: rec.NFTable}
 			if e.objects() != 1 {
 				p.Problems = append(p.Problems, fmt.Sprintf("line %d: an add record needs exactly one route, rule or nftable", i+1))
 				continue
 			}
 			adds = append(adds, pending{rec.Seq, e})
-		case opAbort:
+		case wal.OpAbort:
 			aborted[rec.Seq] = true
 		default:
 			p.Problems = append(p.Problems, fmt.Sprintf("line %d: unknown op %q", i+1, rec.Op))

@@ -7,6 +7,8 @@ import (
 	"os"
 	"slices"
 	"sync"
+
+	"github.com/tungate/tungate/internal/wal"
 )
 
 // kernel is the routing state tungate changes: netlink on Linux, a fake in
@@ -110,7 +112,7 @@ func install(c Config, k kernel, log *slog.Logger) (*Routes, error) {
 		return nil, err
 	}
 	r := &Routes{log: log, k: k, j: j, first: first, last: last}
-	err = j.Append(record{Op: opBegin, PID: os.Getpid(), NetNS: k.NetNS(), Table: c.Table, First: first, Last: last})
+	err = j.Append(record{Op: wal.OpBegin, PID: os.Getpid(), NetNS: k.NetNS(), Table: c.Table, First: first, Last: last})
 	if err == nil && table != nil {
 		// Before the rules: marks that no rule looks at yet change
 		// nothing, and every exception is in place before the catch-all.

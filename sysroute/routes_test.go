@@ -13,6 +13,7 @@ import (
 	"testing"
 
 	"github.com/tungate/tungate/internal/testlog"
+	"github.com/tungate/tungate/internal/wal"
 )
 
 // fakeKernel keeps rules and routes in memory with the kernel's matching:
@@ -52,7 +53,7 @@ func (k *fakeKernel) checkJournaled(rt *route, ru *rule, nt ...*nftTable) {
 		k.t.Errorf("journal's last line %q: %v", lines[len(lines)-1], err)
 		return
 	}
-	want := record{Op: opAdd, Seq: rec.Seq, Route: rt, Rule: ru}
+	want := record{Op: wal.OpAdd, Seq: rec.Seq, Route: rt, Rule: ru}
 	if len(nt) > 0 {
 		want.NFTable = nt[0]
 	}
@@ -407,14 +408,14 @@ func TestReplay(t *testing.T) {
 	foreign.Proto = ProtoTungate
 	k.rules = append(k.rules, foreign)
 
-	begin := record{Op: opBegin, PID: 1, NetNS: "1:1", Table: 2022, First: 9000, Last: 9003}
-	recs := []record{begin, {Op: opAdd, Seq: 1, Route: &rt}}
+	begin := record{Op: wal.OpBegin, PID: 1, NetNS: "1:1", Table: 2022, First: 9000, Last: 9003}
+	recs := []record{begin, {Op: wal.OpAdd, Seq: 1, Route: &rt}}
 	for i := range 3 {
-		recs = append(recs, record{Op: opAdd, Seq: 2 + i, Rule: &rules[i]})
+		recs = append(recs, record{Op: wal.OpAdd, Seq: 2 + i, Rule: &rules[i]})
 	}
-	recs = append(recs, record{Op: opAdd, Seq: 5, Rule: &rules[3]}, record{Op: opAbort, Seq: 5})
+	recs = append(recs, record{Op: wal.OpAdd, Seq: 5, Rule: &rules[3]}, record{Op: wal.OpAbort, Seq: 5})
 	// Written ahead, never made: deleting it finds nothing.
-	recs = append(recs, record{Op: opAdd, Seq: 6, Rule: &rules[4]})
+	recs = append(recs, record{Op: wal.OpAdd, Seq: 6, Rule: &rules[4]})
 	torn := `{"op":"add","seq":7,"rule":{"family":6,"prio`
 	writeJournal(t, c.Journal, recs, torn)
 
@@ -459,7 +460,7 @@ func TestReplay(t *testing.T) {
 func TestParseJournal(t *testing.T) {
 	ru := rule{Family: 4, Priority: 9000, Action: actNop}
 	good := func(seq int) string {
-		b, _ := json.Marshal(record{Op: opAdd, Seq: seq, Rule: &ru})
+		b, _ := json.Marshal(record{Op: wal.OpAdd, Seq: seq, Rule: &ru})
 		return string(b) + "\n"
 	}
 	tests := []struct {
@@ -512,10 +513,10 @@ func TestReplayLeavesForeignEntriesAlone(t *testing.T) {
 			ot.Proto = ProtoTungate
 			k.routes = append(k.routes, ot)
 			writeJournal(t, c.Journal, []record{
-				{Op: opBegin, NetNS: tc.netns, Table: 2022, First: 9000, Last: 9003},
-				{Op: opAdd, Seq: 1, Route: &otherTable},
-				{Op: opAdd, Seq: 2, Rule: &outside},
-				{Op: opAdd, Seq: 3, Rule: &inBand},
+				{Op: wal.OpBegin, NetNS: tc.netns, Table: 2022, First: 9000, Last: 9003},
+				{Op: wal.OpAdd, Seq: 1, Route: &otherTable},
+				{Op: wal.OpAdd, Seq: 2, Rule: &outside},
+				{Op: wal.OpAdd, Seq: 3, Rule: &inBand},
 			}, "")
 			j, err := openJournal(c.Journal)
 			if err != nil {

@@ -21,6 +21,14 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// The ops of a journal record: a run's begin, a change about to be made,
+// and the abort of the change that failed.
+const (
+	OpBegin = "begin"
+	OpAdd   = "add"
+	OpAbort = "abort"
+)
+
 // ErrBusy is returned when another live tungate holds the journal.
 var ErrBusy = errors.New("route.journal is held by a running tungate (stop it first, or give each tungate its own route.journal, route.table and route.priority)")
 
